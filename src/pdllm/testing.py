@@ -1,0 +1,28 @@
+"""One tolerance table and one ``assert_close`` for every numerical test in pdllm.
+
+Tolerances are per dtype of the tensors being compared: fp32 paths accumulate in fp32 and agree
+to rounding; fp16/bf16 paths differ from the fp32 reference by their storage precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES = {  # dtype: (atol, rtol)
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = ""):
+    """Compare in fp32 with the tolerance of ``dtype`` (default: the lower precision of the two)."""
+    if dtype is None:
+        dtype = max(actual.dtype, expected.dtype, key=lambda d: TOLERANCES[d][0])
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=False, msg=msg or None)
