@@ -1,0 +1,497 @@
+"""A LLaDA-style bidirectional transformer in one file (Dream-7B is a config switch).
+
+Read top to bottom:
+  1. ModelConfig   the hyper-parameters, built from a checkpoint's config.json
+  2. the layers    RMSNorm (fp32), RoPE (fp32, rotate-half, explicit positions), attention, MLP
+  3. Transformer   embedding -> blocks -> norm -> head, with an optional KV cache to attend to
+  4. checkpoints   one HF->ours name map per architecture; from_pretrained / save_pretrained
+
+Differences from an autoregressive LLaMA: attention is bidirectional (no causal mask), every token
+gets an explicit position id (Prefilling-dLLM moves chunks around), and a forward can run a block
+of tokens against cached K/V of other tokens. K is cached *after* RoPE, so a cache is
+position-free: whoever reads it never needs to know where its rows came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pdllm.attention import dense_attention
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------
+
+ARCHS = ("llada", "dream")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llada"  # "llada" (OLMo-style names) or "dream" (Qwen2-style names)
+    vocab_size: int = 126464
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads means grouped-query attention (Dream: 28 / 4)
+    mlp_hidden: int = 12288
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Dream has q/k/v biases
+    tie_embeddings: bool = False
+    max_positions: int = 4096  # trained context; RoPE itself has no limit
+    mask_id: int = 126336
+    bos_id: int | None = 126080
+    eos_id: int | None = 126081
+
+    def __post_init__(self):
+        problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"arch={self.arch!r} is not one of {ARCHS}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            if not 0 <= self.mask_id < self.vocab_size:
+                problems.append(f"mask_id={self.mask_id} is outside the vocabulary (size {self.vocab_size})")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            problems.append("rope_theta and norm_eps must be positive")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def logit_shift(self) -> int:
+        """Dream is AR-initialised: the logit at position i predicts token i + 1."""
+        return 1 if self.arch == "dream" else 0
+
+    # HF config.json <-> ModelConfig. One table per architecture: (ours, theirs, default).
+    HF_NAMES = {
+        "llada": [
+            ("vocab_size", "embedding_size", None), ("d_model", "d_model", None),
+            ("n_layers", "n_layers", None), ("n_heads", "n_heads", None),
+            ("n_kv_heads", "n_kv_heads", "n_heads"), ("mlp_hidden", "mlp_hidden_size", None),
+            ("rope_theta", "rope_theta", 10000.0), ("norm_eps", "rms_norm_eps", 1e-5),
+            ("qkv_bias", "include_bias", False), ("tie_embeddings", "weight_tying", False),
+            ("max_positions", "max_sequence_length", 4096), ("mask_id", "mask_token_id", 126336),
+            ("bos_id", "bos_token_id", 126080), ("eos_id", "eos_token_id", 126081),
+        ],
+        "dream": [
+            ("vocab_size", "vocab_size", None), ("d_model", "hidden_size", None),
+            ("n_layers", "num_hidden_layers", None), ("n_heads", "num_attention_heads", None),
+            ("n_kv_heads", "num_key_value_heads", "n_heads"), ("mlp_hidden", "intermediate_size", None),
+            ("rope_theta", "rope_theta", 10000.0), ("norm_eps", "rms_norm_eps", 1e-6),
+            ("qkv_bias", None, True), ("tie_embeddings", "tie_word_embeddings", False),
+            ("max_positions", "max_position_embeddings", 32768), ("mask_id", "mask_token_id", 151666),
+            ("bos_id", "bos_token_id", 151643), ("eos_id", "eos_token_id", 151643),
+        ],
+    }
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        model_type = str(hf.get("model_type", "")).lower()
+        if model_type == "llada" or "d_model" in hf:
+            arch = "llada"
+        elif model_type == "dream" or "hidden_size" in hf:
+            arch = "dream"
+        else:
+            raise ValueError(f"{source}: unknown model (model_type={hf.get('model_type')!r}); "
+                             "pdllm loads LLaDA (OLMo-style keys such as d_model) and Dream (Qwen2-style keys such as hidden_size)")
+        if arch == "llada" and hf.get("layer_norm_type", "rms") != "rms":
+            raise ValueError(f"{source}: layer_norm_type={hf['layer_norm_type']!r}; LLaDA models use 'rms'")
+        kw = {"arch": arch}
+        for ours, theirs, default in cls.HF_NAMES[arch]:
+            if theirs is not None and ours == "vocab_size" and theirs not in hf:
+                theirs = "vocab_size"  # older LLaDA configs give only vocab_size
+            if theirs is not None and hf.get(theirs) is not None:
+                value = hf[theirs]
+            elif isinstance(default, str):  # default is another field, e.g. n_kv_heads <- n_heads
+                value = kw.get(default)
+            elif default is None:
+                raise ValueError(f"{source}: required key {theirs!r} is missing (needed for {ours})")
+            else:
+                value = default
+            kw[ours] = value
+        if isinstance(kw["eos_id"], list):
+            kw["eos_id"] = kw["eos_id"][0]
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        hf = {"model_type": self.arch if self.arch == "llada" else "Dream", "architectures":
+              ["LLaDAModelLM" if self.arch == "llada" else "DreamModel"]}
+        if self.arch == "llada":
+            hf.update(layer_norm_type="rms", vocab_size=self.vocab_size, activation_type="silu")
+        for ours, theirs, _ in self.HF_NAMES[self.arch]:
+            if theirs is not None:
+                hf[theirs] = getattr(self, ours)
+        return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as LLaDA and Qwen2 do), weight applied in the model dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin tables (B, T, head_dim) in fp32 for explicit positions pos (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
+    freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): rotate-half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate x (B, h, T, D) by its tokens' angles, in fp32; returns x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def qkv(self, x, rope):
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D); q and k rotated."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def out(self, y):
+        """(B, H, T, D) -> (B, T, C) through the output projection."""
+        B, _, T, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa"):
+        q, k, v = self.qkv(x, rope)
+        if cache is None:  # plain bidirectional self-attention over the tokens given
+            y = dense_attention(q, k, v, mask, backend)
+        else:  # the cache stores k, v where they belong and attends over what it holds
+            y = cache.attend(layer, q, k, v, mask, backend)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block. Its parts are public so cache methods (dLLM-Cache, DyLLM) can reuse them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa"):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, backend)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The model
+# ---------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.attention_backend = "sdpa"  # see pdllm.attention.BACKENDS
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Normal(0, std) for matrices, ones for norms, zeros for biases (also on a GPU after to_empty)."""
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def rope(self, pos):
+        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def forward(self, idx, pos, mask=None, cache=None, logits_slice: slice | None = None, return_hidden=False):
+        """idx, pos (B, T) -> logits (B, T', V) for the positions in logits_slice (default all).
+
+        mask:  bool, broadcastable to (B, H, T, Tk), True = may attend. Tk is T without a cache,
+               else the number of rows the cache reads.
+        cache: an object with attend(layer, q, k, v, mask, backend) (see pdllm.cache).
+        """
+        if idx.shape != pos.shape:
+            raise ValueError(f"idx {tuple(idx.shape)} and pos {tuple(pos.shape)} must have the same (B, T) shape")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = self.rope(pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, i, self.attention_backend)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        x = self.norm_f(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T', V)
+
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_emb.weight.dtype
+
+
+def build_random(cfg: ModelConfig, dtype=torch.bfloat16, device="cuda", seed: int = 0) -> Transformer:
+    """A model with random weights, built on the meta device and filled where it lives (gpt-fast
+    style): an 8B model never touches CPU memory. Used for speed work, never for answers."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator=gen)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checkpoints: HF directory <-> our names
+# ---------------------------------------------------------------------------------------------
+
+# (HF name, our name) per architecture; {i} is a layer index, {p} is "weight" or "bias".
+HF_KEY_MAP = {
+    "llada": [
+        ("model.transformer.wte.weight", "tok_emb.weight"),
+        ("model.transformer.blocks.{i}.attn_norm.weight", "blocks.{i}.attn_norm.weight"),
+        ("model.transformer.blocks.{i}.q_proj.{p}", "blocks.{i}.attn.q.{p}"),
+        ("model.transformer.blocks.{i}.k_proj.{p}", "blocks.{i}.attn.k.{p}"),
+        ("model.transformer.blocks.{i}.v_proj.{p}", "blocks.{i}.attn.v.{p}"),
+        ("model.transformer.blocks.{i}.attn_out.weight", "blocks.{i}.attn.o.weight"),
+        ("model.transformer.blocks.{i}.ff_norm.weight", "blocks.{i}.mlp_norm.weight"),
+        ("model.transformer.blocks.{i}.ff_proj.weight", "blocks.{i}.mlp.gate.weight"),  # the gate
+        ("model.transformer.blocks.{i}.up_proj.weight", "blocks.{i}.mlp.up.weight"),
+        ("model.transformer.blocks.{i}.ff_out.weight", "blocks.{i}.mlp.down.weight"),
+        ("model.transformer.ln_f.weight", "norm_f.weight"),
+        ("model.transformer.ff_out.weight", "lm_head.weight"),
+    ],
+    "dream": [
+        ("model.embed_tokens.weight", "tok_emb.weight"),
+        ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
+        ("model.layers.{i}.self_attn.q_proj.{p}", "blocks.{i}.attn.q.{p}"),
+        ("model.layers.{i}.self_attn.k_proj.{p}", "blocks.{i}.attn.k.{p}"),
+        ("model.layers.{i}.self_attn.v_proj.{p}", "blocks.{i}.attn.v.{p}"),
+        ("model.layers.{i}.self_attn.o_proj.weight", "blocks.{i}.attn.o.weight"),
+        ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+        ("model.layers.{i}.mlp.gate_proj.weight", "blocks.{i}.mlp.gate.weight"),
+        ("model.layers.{i}.mlp.up_proj.weight", "blocks.{i}.mlp.up.weight"),
+        ("model.layers.{i}.mlp.down_proj.weight", "blocks.{i}.mlp.down.weight"),
+        ("model.norm.weight", "norm_f.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+    ],
+}
+
+
+def _rename(name: str, pairs) -> str | None:
+    """Rename through (from, to) template pairs; None if no template matches."""
+    for src, dst in pairs:
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        m = re.fullmatch(pattern, name)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
+def hf_to_ours(arch: str, key: str) -> str | None:
+    return _rename(key, HF_KEY_MAP[arch])
+
+
+def ours_to_hf(arch: str, name: str) -> str:
+    hf = _rename(name, [(dst, src) for src, dst in HF_KEY_MAP[arch]])
+    if hf is None:
+        raise KeyError(f"no HF name for parameter {name!r}")
+    return hf
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file/key and the fix."""
+
+
+def _weight_files(path: Path) -> dict[Path, list[str] | None]:
+    """Map each safetensors file to the HF keys the index says it holds (None: no index)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); it needs a 'weight_map' object") from e
+        files: dict[Path, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(path / fname, []).append(key)
+        for f, keys in files.items():
+            if not f.exists():
+                raise CheckpointError(f"missing shard {f.name} (listed in {index.name} for {len(keys)} tensors, "
+                                      f"e.g. {keys[0]!r}); download or copy it into {path}")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return {single: None}
+    found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = f" (found {found}: pickle files are never loaded; convert them to safetensors)" if found else ""
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: config.json is missing; a HF checkpoint directory needs one")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    try:
+        return ModelConfig.from_hf(hf, str(cfg_file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device="cpu") -> Transformer:
+    """Load a HF LLaDA/Dream checkpoint directory with safetensors, checking every key and shape."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg = load_config(path)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise ValueError(f"dtype {dtype!r} is not a floating torch dtype (use float32, bfloat16 or float16)")
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
+    state, unexpected = {}, []
+    for file, listed in _weight_files(path).items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                for key in listed or []:
+                    if key not in keys:
+                        raise CheckpointError(f"{file.name}: the index lists {key!r} in this shard but it is not there")
+                for key in keys:
+                    name = hf_to_ours(cfg.arch, key)
+                    if name is None or name not in expected:
+                        unexpected.append(f"{key} ({file.name})")
+                        continue
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[name]):
+                        raise CheckpointError(f"{file.name}: {key} has shape {tuple(t.shape)}, expected "
+                                              f"{tuple(expected[name])} from config.json; is this the right config?")
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"{file.name}: {key} has dtype {t.dtype}; weights must be floating point")
+                    state[name] = t.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); it is truncated or corrupt, "
+                                  "download it again") from e
+    missing = [n for n in expected if n not in state]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                              f"for a {cfg.arch} model with {cfg.n_layers} layers; is config.json right?")
+    if missing:
+        names = [ours_to_hf(cfg.arch, n) for n in missing]
+        raise CheckpointError(f"{path}: missing tensors {names[:5]}{' ...' if len(names) > 5 else ''}")
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.eval()
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int | None = None):
+    """Write config.json + model.safetensors (or shards + index when max_shard_bytes is set)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    tensors = {ours_to_hf(cfg.arch, n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    if max_shard_bytes is None:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for key, t in tensors.items():
+        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+__all__ = ["ModelConfig", "Transformer", "Block", "RMSNorm", "rope_cos_sin", "apply_rope", "build_random",
+           "from_pretrained", "save_pretrained", "load_config", "CheckpointError", "hf_to_ours", "ours_to_hf"]

@@ -1,0 +1,300 @@
+"""The one sampler: LLaDA's block-wise masked-diffusion decoding, with Fast-dLLM's threshold
+parallel decoding, and decoding methods as small strategies for the current block's logits.
+
+    x = prompt + [MASK] * gen_length, split into blocks of block_length
+    for each block:
+        for each step (steps // num_blocks of them, or until the block is full with a threshold):
+            logits = method.block_logits(x, block)     # the only thing a method changes
+            x0 = argmax(logits (+ Gumbel noise));  confidence = p(x0) (or random)
+            unmask the most confident masked positions of the block
+
+A method is an object with ``begin(model, batch)`` (called once: build caches, score chunks ...)
+and ``block_logits(model, batch, x, start, end, step)`` returning (B, end - start, V) logits that
+predict the tokens of x[:, start:end]. Built in: ``vanilla`` (the whole sequence every step),
+``prefix`` and ``dual`` (Fast-dLLM's KV caches, refreshed at the first step of each block).
+Prefilling-dLLM (``prefill``) and the baselines (``dllm_cache``, ``dyllm``) plug in the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pdllm.cache import DenseKVCache
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class GenerationConfig:
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 128  # over all blocks; ignored when threshold is set (a block runs until full)
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None  # Fast-dLLM parallel decoding: unmask all with confidence >= threshold
+    cfg_scale: float = 0.0  # classifier-free guidance (unconditional = prompt masked out)
+
+    def __post_init__(self):
+        problems = []
+        if self.gen_length < 1 or self.block_length < 1:
+            problems.append("gen_length and block_length must be >= 1")
+        elif self.gen_length % self.block_length:
+            problems.append(f"gen_length={self.gen_length} must be a multiple of block_length={self.block_length}")
+        elif self.threshold is None and (self.steps < self.num_blocks or self.steps % self.num_blocks):
+            problems.append(f"steps={self.steps} must be a positive multiple of the number of blocks ({self.num_blocks})")
+        if self.remasking not in REMASKING:
+            problems.append(f"remasking={self.remasking!r} must be one of {REMASKING}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            problems.append(f"threshold={self.threshold} must be in (0, 1]")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            problems.append("temperature and cfg_scale must be >= 0")
+        if problems:
+            raise ValueError("invalid generation config: " + "; ".join(problems))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of one step (LLaDA's reference semantics)
+# ---------------------------------------------------------------------------------------------
+
+
+def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """Even schedule: (B,) masked counts -> (B, steps) tokens to unmask per step, remainder first."""
+    base, remainder = mask_count // steps, mask_count % steps
+    schedule = base[:, None].repeat(1, steps)
+    schedule += torch.arange(steps, device=mask_count.device)[None, :] < remainder[:, None]
+    return schedule
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Gumbel-max sampling as LLaDA does it, in float64 (low precision hurts quality)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def select_transfer(confidence: torch.Tensor, k: torch.Tensor | None, threshold: float | None) -> torch.Tensor:
+    """Which positions to unmask. confidence (B, L) with -inf where not allowed.
+
+    Fixed schedule: the k[b] most confident. Threshold (Fast-dLLM): every position with
+    confidence >= threshold, and always the single most confident one so each step makes progress.
+    """
+    allowed = confidence > float("-inf")
+    order = confidence.argsort(dim=-1, descending=True, stable=True)
+    rank = order.argsort(dim=-1)  # rank[b, i] = place of position i in the sorted order
+    if threshold is None:
+        return (rank < k[:, None]) & allowed
+    return ((rank == 0) | (confidence >= threshold)) & allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: left padding, a real padding mask, per-row positions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """What a method gets at ``begin``: the padded sequence and its layout."""
+
+    x: torch.Tensor  # (B, T) tokens: [pad] prompt [MASK] * gen_length
+    pos: torch.Tensor  # (B, T) position ids (padding does not shift positions)
+    key_mask: torch.Tensor | None  # (B, T) False on padding, None when there is none
+    prompt_len: int  # T - gen_length: where generation starts
+    prompts: list  # the prompts as given (token lists, or structured prompts for prefill)
+    config: GenerationConfig
+    mask_id: int
+
+
+def make_batch(model, prompts, config: GenerationConfig, pad_id: int) -> Batch:
+    rows = [_prompt_ids(p) for p in prompts]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    P, G, B = max(map(len, rows)), config.gen_length, len(rows)
+    mask_id = model.cfg.mask_id
+    x = torch.full((B, P + G), mask_id, dtype=torch.long)
+    valid = torch.ones(B, P + G, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        x[b, : P - len(r)] = pad_id
+        x[b, P - len(r) : P] = torch.as_tensor(r)
+        valid[b, : P - len(r)] = False
+    pos = (valid.cumsum(dim=1) - 1).clamp_min(0)
+    dev = model.device
+    key_mask = None if valid.all() else valid.to(dev)
+    return Batch(x.to(dev), pos.to(dev), key_mask, P, list(prompts), config, mask_id)
+
+
+def _prompt_ids(p) -> list[int]:
+    if hasattr(p, "token_ids"):  # structured prompt (pdllm.prefill.LongContextPrompt)
+        return list(p.token_ids())
+    if isinstance(p, torch.Tensor):
+        return p.reshape(-1).tolist()
+    return list(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: how the current block's logits are computed
+# ---------------------------------------------------------------------------------------------
+
+
+class Vanilla:
+    """The reference: the whole sequence through the model at every step."""
+
+    name = "vanilla"
+
+    def __init__(self):
+        self.stats: dict = {}
+
+    def begin(self, model, batch: Batch):
+        self.batch = batch
+
+    def block_logits(self, model, x, start, end, step):
+        shift = model.cfg.logit_shift  # Dream: logits at i predict token i + 1
+        b = self.batch
+        mask = None if b.key_mask is None else b.key_mask[:, None, None, :]
+        return model(x, b.pos, mask=mask, logits_slice=slice(start - shift, end - shift))
+
+
+class DenseCache:
+    """Fast-dLLM KV caching. At the first step of a block (and every ``refresh_every`` steps) the
+    whole sequence runs and fills the cache; other steps run only the block (``dual``) or the
+    block and everything after it (``prefix``) against the cached rows."""
+
+    def __init__(self, dual: bool = True, refresh_every: int | None = None):
+        if refresh_every is not None and refresh_every < 1:
+            raise ValueError(f"refresh_every={refresh_every} must be >= 1 (or None: once per block)")
+        self.dual, self.refresh_every = dual, refresh_every
+        self.name = "dual" if dual else "prefix"
+        self.stats: dict = {}
+
+    def begin(self, model, batch: Batch):
+        self.batch = batch
+        self.cache = DenseKVCache.for_model(model, batch.x.shape[0], batch.x.shape[1], batch.key_mask)
+
+    def block_logits(self, model, x, start, end, step):
+        shift, b = model.cfg.logit_shift, self.batch
+        refresh = step == 0 or (self.refresh_every is not None and step % self.refresh_every == 0)
+        q0 = 0 if refresh else start - shift  # first row this forward runs
+        q1 = x.shape[1] if (refresh or not self.dual) else end
+        self.cache.window(q0)
+        return model(x[:, q0:q1], b.pos[:, q0:q1], cache=self.cache,
+                     logits_slice=slice(start - shift - q0, end - shift - q0))
+
+
+def make_method(method, **kwargs):
+    """A method object from its name (or the object itself)."""
+    if not isinstance(method, str):
+        return method
+    if method == "vanilla":
+        return Vanilla(**kwargs)
+    if method in ("prefix", "dual"):
+        return DenseCache(dual=method == "dual", **kwargs)
+    if method == "prefill":
+        from pdllm.prefill import Prefill
+
+        return Prefill(**kwargs)
+    if method == "dllm_cache":
+        from pdllm.baselines.dllm_cache import DllmCache
+
+        return DllmCache(**kwargs)
+    if method == "dyllm":
+        from pdllm.baselines.dyllm import DyLLM
+
+        return DyLLM(**kwargs)
+    raise ValueError(f"unknown method {method!r}; choose vanilla, prefix, dual, prefill, dllm_cache or dyllm")
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, gen_length) the generated tokens (untruncated)
+    nfe: int  # number of block-logit evaluations (model forwards)
+    stats: dict = field(default_factory=dict)  # timings in seconds, method-specific figures
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompts, config: GenerationConfig | None = None, method="vanilla", pad_id: int | None = None,
+             callback=None, **method_kwargs) -> GenerationOutput:
+    """Generate for a batch of prompts (token lists, a (B, P) tensor, or structured prompts).
+
+    callback(event: dict) is called after every step with the block range, the tokens and
+    which positions were unmasked (used by the visualiser).
+    """
+    config = config or GenerationConfig()
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 1 or hasattr(prompts, "token_ids"):
+        prompts = [prompts]
+    method = make_method(method, **method_kwargs)
+    pad_id = model.cfg.eos_id if pad_id is None else pad_id
+    batch = make_batch(model, prompts, config, pad_id)
+    mask_id, dev = batch.mask_id, model.device
+    x, P = batch.x, batch.prompt_len
+    un_prompt = None
+    if config.cfg_scale > 0:  # unconditional rows: the prompt masked out, run as a second half
+        if method.name not in ("vanilla", "prefix", "dual"):
+            raise ValueError(f"cfg_scale > 0 is supported by vanilla, prefix and dual, not {method.name}")
+        is_pad = torch.zeros_like(x[:, :P], dtype=torch.bool) if batch.key_mask is None else ~batch.key_mask[:, :P]
+        un_prompt = torch.where(is_pad, x[:, :P], mask_id)
+        keys = None if batch.key_mask is None else batch.key_mask.repeat(2, 1)
+        batch = Batch(torch.cat([x, torch.cat([un_prompt, x[:, P:]], 1)]), batch.pos.repeat(2, 1), keys, P,
+                      batch.prompts * 2, config, mask_id)
+    _sync(dev)
+    t0 = time.perf_counter()
+    method.begin(model, batch)
+    _sync(dev)
+    t1 = time.perf_counter()
+    nfe, B = 0, x.shape[0]
+    for blk in range(config.num_blocks):
+        s, e = P + blk * config.block_length, P + (blk + 1) * config.block_length
+        schedule = None
+        if config.threshold is None:
+            schedule = num_transfer_tokens((x[:, s:e] == mask_id).sum(dim=1), config.steps_per_block)
+        step = 0
+        while (x[:, s:e] == mask_id).any() and (schedule is None or step < schedule.shape[1]):
+            masked = x[:, s:e] == mask_id
+            run_x = x if un_prompt is None else torch.cat([x, torch.cat([un_prompt, x[:, P:]], 1)])
+            logits = method.block_logits(model, run_x, s, e, step).float()  # (B or 2B, L, V)
+            nfe += 1
+            if config.cfg_scale > 0:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+            x0 = add_gumbel_noise(logits, config.temperature).argmax(dim=-1)  # (B, L)
+            if config.remasking == "low_confidence":
+                p = F.softmax(logits, dim=-1)
+                conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            else:
+                conf = torch.rand(x0.shape, device=x0.device)
+            conf = torch.where(masked, conf, float("-inf"))
+            k = None if schedule is None else schedule[:, step]
+            transfer = select_transfer(conf, k, config.threshold)
+            x[:, s:e] = torch.where(transfer, x0, x[:, s:e])
+            if callback is not None:
+                callback({"block": blk, "step": step, "start": s, "end": e, "x": x, "transfer": transfer,
+                          "confidence": conf})
+            step += 1
+    _sync(dev)
+    t2 = time.perf_counter()
+    stats = {"method": method.name, "begin_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "nfe": nfe,
+             "batch": B, "gen_length": config.gen_length, **method.stats}
+    return GenerationOutput(tokens=x[:, P:].clone(), nfe=nfe, stats=stats)
+

@@ -1,0 +1,282 @@
+"""Chunk-sparse attention over an indexed KV pool: a split-KV ("flash-decoding") Triton kernel.
+
+What it computes (the reference is ``pdllm.attention.chunk_attention_reference``)::
+
+    keys of batch row b  = k_pool[:, kv_index[b, :kv_len[b]]]        (no copy is made)
+    out[b, h], lse[b, h] = softmax attention of q[b, h] over those keys (bidirectional)
+
+Why a kernel: Prefilling-dLLM attends a block of ~32 query rows to a few selected 1K-token chunks
+that live anywhere in a large KV pool. Gathering them first (index_select + SDPA) moves every
+selected byte three times; this kernel reads each selected K/V row once, straight from the pool.
+
+Why split-KV: with 32 query rows and one program per (batch row, KV head), an LLaDA-8B layer
+launches only 32 programs for 132 SMs. Like flash-decoding, the logical key axis of each row is
+cut into ``num_splits`` parts, each program computes a partial (out, lse) over its part, and a
+second small kernel combines the parts with their log-sum-exps. With one split the first kernel
+writes the final result directly and the second one is skipped.
+
+Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
+are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
+
+Layout: q (B, H, Tq, D); k_pool, v_pool (Hkv, P, D), any strides (e.g. one layer of a
+(L, Hkv, P, D) cache); kv_index (B, L) int32 pool rows; kv_len (B,) int32 valid entries per row.
+Entries of kv_index past kv_len are never read, so they may hold garbage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): scores are kept in base 2 so the kernel can use exp2
+LN2 = 0.6931471805599453
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_ls", "stride_lb", "stride_lh"])
+def _chunk_attention_fwd(
+    Q, K, V, KV_INDEX, KV_LEN, O, LSE,
+    qk_scale,  # softmax scale * log2(e)
+    Hkv, group, Tq, L, num_splits,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kh, stride_kp, stride_kd,
+    stride_vh, stride_vp, stride_vd,
+    stride_ib, stride_il,
+    stride_os, stride_ob, stride_oh, stride_ot, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_lt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows (of all heads of the group) per program
+    BLOCK_N: tl.constexpr,  # keys per tile of the loop
+    PARTIAL: tl.constexpr,  # True: write this split's normalised out and base-2 lse for the combine
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for fp16/bf16
+):
+    pid_s = tl.program_id(0)  # which split of the key axis
+    pid_bh = tl.program_id(1)  # (batch row, KV head)
+    pid_m = tl.program_id(2)  # which block of the group's query rows
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+
+    # Row r of the program is query t = r % Tq of head hkv * group + r // Tq.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < group * Tq
+    h = hkv * group + rows // Tq
+    t = rows % Tq
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+
+    # This program's part of the row's keys. Splits are cut from kv_len, not from the index
+    # width L, so ragged rows still spread over every split; tiles start on BLOCK_N boundaries.
+    n = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), L)
+    keys_per_split = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n)
+
+    k_base = K + hkv.to(tl.int64) * stride_kh
+    v_base = V + hkv.to(tl.int64) * stride_vh
+    idx_base = KV_INDEX + b.to(tl.int64) * stride_ib
+
+    # Online softmax state, in base 2: running max m_i, running sum l_i, unnormalised acc.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < hi
+        # Read the pool rows of this tile through the index; masked lanes never touch memory,
+        # so padding entries past kv_len (garbage, -1, huge) are never dereferenced.
+        idx = tl.load(idx_base + offs_n * stride_il, mask=key_valid, other=0).to(tl.int64)
+        k = tl.load(k_base + idx[:, None] * stride_kp + offs_d[None, :] * stride_kd, mask=key_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+        # Every tile holds at least one valid key, so m_new is finite and alpha is well defined
+        # (exp2(-inf) = 0 on the first tile).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + idx[:, None] * stride_vp + offs_d[None, :] * stride_vd, mask=key_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # A split (or a whole row) without keys has l_i = 0: out 0 and lse -inf, never NaN.
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+    if not PARTIAL:
+        lse2 = lse2 * 0.6931471805599453  # final lse in natural log
+    o_ptrs = O + pid_s * stride_os + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + t * stride_lt, lse2, mask=row_valid)
+
+
+@triton.jit(do_not_specialize=["num_splits", "num_rows"])
+def _combine_splits(
+    O_PART, LSE_PART, OUT, LSE,
+    num_splits, num_rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
+    ROWS: tl.constexpr,  # query rows per program
+):
+    """out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s).
+
+    Partials are contiguous: O_PART (S, R, D) fp32 and LSE_PART (S, R) base-2 fp32, where R runs
+    over (b, h, t) in the order of the contiguous (B, H, Tq, D) output.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_valid = offs_s < num_splits
+    for i in range(ROWS):
+        r = tl.program_id(0) * ROWS + i
+        if r < num_rows:
+            lse_s = tl.load(LSE_PART + offs_s * num_rows + r, mask=split_valid, other=float("-inf"))
+            m = tl.max(lse_s, 0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights all 0
+            w = tl.exp2(lse_s - m_safe)
+            denom = tl.sum(w, 0)
+            o = tl.load(O_PART + (offs_s[:, None] * num_rows + r).to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=split_valid[:, None], other=0.0)
+            out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+            lse = tl.where(denom > 0.0, (m_safe + tl.log2(denom)) * 0.6931471805599453, float("-inf"))
+            tl.store(OUT + r.to(tl.int64) * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty))
+            tl.store(LSE + r, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side: validation, launch configuration, launch.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k_pool, v_pool, kv_index, kv_len, v_name="v_pool"):
+    """One clear error for each way the inputs can be wrong. Returns (B, H, Tq, D, Hkv, P, L)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, Tq, D), got shape {tuple(q.shape)}")
+    if k_pool.dim() != 3:
+        raise ValueError(f"k_pool must be (Hkv, P, D), got shape {tuple(k_pool.shape)}")
+    if v_pool is not None and v_pool.shape != k_pool.shape:
+        raise ValueError(f"{v_name} must have the shape of k_pool {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
+    if kv_index.dim() != 2:
+        raise ValueError(f"kv_index must be (B, L), got shape {tuple(kv_index.shape)}")
+    if kv_len.dim() != 1:
+        raise ValueError(f"kv_len must be (B,), got shape {tuple(kv_len.shape)}")
+    B, H, Tq, D = q.shape
+    Hkv, P, Dk = k_pool.shape
+    if kv_index.shape[0] != B or kv_len.shape[0] != B:
+        raise ValueError(f"batch mismatch: q has {B} rows, kv_index {kv_index.shape[0]}, kv_len {kv_len.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"head_dim mismatch: q has {D}, k_pool has {Dk}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if k_pool.dtype != q.dtype or (v_pool is not None and v_pool.dtype != q.dtype):
+        vd = v_pool.dtype if v_pool is not None else None
+        raise TypeError(f"dtype mismatch: q {q.dtype}, k_pool {k_pool.dtype}, {v_name} {vd}")
+    if kv_index.dtype != torch.int32:
+        raise TypeError(f"kv_index must be int32, got {kv_index.dtype}")
+    if kv_len.dtype != torch.int32:
+        raise TypeError(f"kv_len must be int32, got {kv_len.dtype}")
+    tensors = {"q": q, "k_pool": k_pool, "kv_index": kv_index, "kv_len": kv_len}
+    if v_pool is not None:
+        tensors[v_name] = v_pool
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    return B, H, Tq, D, Hkv, P, kv_index.shape[1]
+
+
+def block_m_for(rows: int) -> int:
+    """Query rows per program: the group's rows rounded up to a power of two, 16 to 128."""
+    return max(16, min(128, triton.next_power_of_2(max(rows, 1))))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits are enough to exercise the combine
+
+
+def default_num_splits(base_programs: int, L: int, block_n: int, sms: int) -> int:
+    """Splits so that the launch has about two programs per SM, but each split keeps at least
+    four key tiles (shorter loops spend their time in the pipeline's prologue) and never more
+    splits than tiles."""
+    tiles = triton.cdiv(max(L, 1), block_n)
+    want = triton.cdiv(2 * sms, max(base_programs, 1))
+    return max(1, min(want, triton.cdiv(tiles, 4), 64))
+
+
+def launch_config(q, Hkv, L, config=None, num_splits=None):
+    """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults)."""
+    from pdllm.autotune.configs import get_config, rescale_splits
+
+    B, H, Tq, D = q.shape
+    group = H // Hkv
+    block_m = block_m_for(group * Tq)
+    base = B * Hkv * triton.cdiv(group * Tq, block_m)
+    cfg = dict(get_config("chunk_attention", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
+    if config:
+        cfg.update(config)
+    if num_splits is not None:
+        cfg["num_splits"] = num_splits
+    splits = cfg.get("num_splits")
+    if splits is None:
+        splits = default_num_splits(base, L, cfg["BLOCK_N"], num_sms(q.device))
+    else:
+        splits = rescale_splits(int(splits), cfg.get("base_programs"), base)
+    cfg["num_splits"] = max(1, min(int(splits), triton.cdiv(max(L, 1), cfg["BLOCK_N"])))
+    cfg["BLOCK_M"] = block_m
+    return cfg
+
+
+def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=None, config=None):
+    """Attention of q (B, H, Tq, D) over pool rows ``kv_index[b, :kv_len[b]]``.
+
+    Returns (out in q.dtype (B, H, Tq, D), lse fp32 (B, H, Tq), natural log). A row with no keys
+    gets out 0 and lse -inf. ``config`` may set BLOCK_N, num_warps, num_stages, num_splits; what
+    it leaves out comes from the tuned table of this GPU (pdllm.autotune.configs) or defaults.
+    """
+    B, H, Tq, D, Hkv, P, L = _check_inputs(q, k_pool, v_pool, kv_index, kv_len)
+    group = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    cfg = launch_config(q, Hkv, L, config, num_splits)
+    S, block_m = cfg["num_splits"], cfg["BLOCK_M"]
+    if S > 1:  # partial results in fp32, combined below
+        o_part = torch.empty((S, B, H, Tq, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((S, B, H, Tq), dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = out[None], lse[None]
+    grid = (S, B * Hkv, triton.cdiv(group * Tq, block_m))
+    _chunk_attention_fwd[grid](
+        q, k_pool, v_pool, kv_index, kv_len, o_part, lse_part,
+        scale * LOG2E,
+        Hkv, group, Tq, L, S,
+        *q.stride(),
+        *k_pool.stride(),
+        *v_pool.stride(),
+        *kv_index.stride(),
+        *o_part.stride(),
+        *lse_part.stride(),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], PARTIAL=S > 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if S > 1:
+        rows = B * H * Tq
+        rows_per_program = 4
+        _combine_splits[(triton.cdiv(rows, rows_per_program),)](
+            o_part, lse_part, out, lse, S, rows,
+            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(S), ROWS=rows_per_program, num_warps=4,
+        )
+    return out, lse
