@@ -122,11 +122,12 @@ def _templates() -> list[Callable[[random.Random], str]]:
 
 
 _TEMPLATES = _templates()
+_AN = re.compile(r"\b([Aa]) (?=[aeiou])")  # "a old" -> "an old"
 
 
 def haystack_sentence(rng: random.Random) -> str:
     """One grammar sentence (no digits, no needle words)."""
-    return _TEMPLATES[rng.randrange(len(_TEMPLATES))](rng)
+    return _AN.sub(r"\1n ", _TEMPLATES[rng.randrange(len(_TEMPLATES))](rng))
 
 
 @lru_cache(maxsize=4)
@@ -251,9 +252,9 @@ def _assemble(
 ) -> tuple[str, list[int] | None, int, list[float]]:
     """Fill ``target_tokens`` with filler pieces and place each needle at its depth.
 
-    Every piece carries a leading separator; the context's first piece loses it. A needle goes
-    to the piece boundary nearest its depth in filler tokens, so the error is at most half a
-    filler piece. Returns (text, ids or None, token count, measured depth of each needle).
+    Every piece carries a leading separator; the context's first piece loses it, so a needle at
+    depth 0 opens the context. Returns (text, ids or None, token count, measured depth of each
+    needle).
     """
     needle_pieces = [sep(rng) + n.text for n in needles]
     budget = target_tokens - sum(enc.count(p) for p in needle_pieces)
@@ -270,24 +271,21 @@ def _assemble(
         total += n
         if total >= budget:
             break
-    cum = [0]
-    for n in fill_counts:
-        cum.append(cum[-1] + n)
-    slots: dict[int, list[int]] = {}
-    for i, nd in enumerate(needles):
-        goal = min(max(nd.depth, 0.0), 1.0) * cum[-1]
+    # Place the needles one at a time, the answer needle (index 0) last, each at the boundary
+    # nearest its depth counted over everything already placed: the answer needle's measured
+    # depth is then within half a piece of the request, whatever the other needles do.
+    units: list[tuple[str, int, int]] = [(p, n, -1) for p, n in zip(fill, fill_counts)]
+    for i in reversed(range(len(needles))):
+        cum = [0]
+        for _, n, _ in units:
+            cum.append(cum[-1] + n)
+        goal = min(max(needles[i].depth, 0.0), 1.0) * cum[-1]
         k = bisect.bisect_left(cum, goal)
-        if k > 0 and (k == len(cum) or goal - cum[k - 1] <= cum[k] - goal):
+        if k == len(cum) or (k > 0 and goal - cum[k - 1] <= cum[k] - goal):
             k -= 1
-        slots.setdefault(k, []).append(i)
-    pieces: list[str] = []
-    needle_at: dict[int, int] = {}  # needle index -> piece index
-    for k in range(len(fill) + 1):
-        for i in slots.get(k, []):
-            needle_at[i] = len(pieces)
-            pieces.append(needle_pieces[i])
-        if k < len(fill):
-            pieces.append(fill[k])
+        units.insert(k, (needle_pieces[i], enc.count(needle_pieces[i]), i))
+    pieces = [u[0] for u in units]
+    needle_at = {u[2]: j for j, u in enumerate(units) if u[2] >= 0}  # needle index -> piece index
     pieces[0] = pieces[0].lstrip()
     text = "".join(pieces)
     if enc.tokenizer is None:
