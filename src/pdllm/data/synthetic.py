@@ -479,15 +479,15 @@ def corpus(seed: int = 0, n_sentences: int = 6000) -> Iterator[str]:
             ex = make_example(task, 160, None, f"corpus.{seed}.{i}", None,
                               **({"key_style": "uuid" if i % 2 else "words"} if task == "kv_lookup" else {}))
             yield ex.context
-            yield ex.question + " " + ex.answer
+            yield f"Question: {ex.question}\nAnswer: {ex.answer}"
     for _ in range(300):
         yield magic_needle(_word_key(rng), _digits(rng, 7))
-        yield QUESTIONS["multikey_needle"].format(key=_word_key(rng))
-        yield QUESTIONS["kv_lookup"].format(key=_word_key(rng))
+        yield "Question: " + QUESTIONS["multikey_needle"].format(key=_word_key(rng))
+        yield "Question: " + QUESTIONS["kv_lookup"].format(key=_word_key(rng))
     # words of prompts and chat turns (the template itself lives in pdllm.tokenizer)
     for _ in range(20):
-        yield ("system\n\nuser\n\nassistant\n\nYou are a helpful assistant. Read the context below and answer the "
-               "question. Answer with the number only. Context: Question: Answer: The answer is")
+        yield ("system\n\nuser\n\nassistant\n\nYou are a helpful assistant. Answer the question based on the "
+               "context below.\n\nContext:\nRead the context and answer the question with the number only.")
 
 
 __all__ = [
