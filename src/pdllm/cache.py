@@ -15,6 +15,8 @@ where they belong and returns the attention output (B, H, Tq, D) over everything
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from pdllm.attention import chunk_attention, chunk_attention_reference, dense_attention
@@ -99,6 +101,13 @@ class ChunkKVCache:
             index[b, : len(r)] = r.to(torch.int32)
         self.kv_index = index
         self.kv_len = torch.tensor(lengths, dtype=torch.int32, device=self.k.device)
+
+    def view(self, rows_per_batch: list[torch.Tensor]) -> "ChunkKVCache":
+        """The same pool read through another index (e.g. one request of a batch)."""
+        other = copy.copy(self)
+        other.set_index(rows_per_batch)
+        other.write_rows = None
+        return other
 
     def set_write_rows(self, rows: torch.Tensor):
         """The next forward's tokens (B, Tq) live in these pool rows (they must be in the index)."""

@@ -1,0 +1,399 @@
+"""Prefilling-dLLM: chunked prefilling with BOS anchors, chunk scoring, top-K selection, token
+sparsity, and decoding against the selected chunks' KV (arXiv 2606.10537).
+
+The method, in the order it runs (``Prefill.begin``):
+
+1. **Chunking with BOS anchors.** The context is split into chunks of ``chunk_size`` tokens and a
+   BOS token is put in front of every chunk, so each chunk carries its own attention sink.
+2. **Scoring**, once, streamed chunk by chunk (memory O(chunk) whatever the context length):
+   ``attention``: each chunk is encoded with the prefix and the query (prefix + [BOS + chunk] +
+   query); the query rows' attention to the chunk's keys in the last layers, max-pooled along
+   tokens, summed over heads, averaged over layers and tokens, is the chunk's score.
+   ``draft``: a short draft answer is decoded from prefix + query alone; a chunk's score is how
+   likely it makes the draft: the mean log-probability of the draft tokens given prefix + [BOS +
+   chunk] + query (masked likelihood for a bidirectional model like LLaDA, next-token
+   likelihood of query + draft under a causal mask for an AR-initialised model like Dream).
+3. **Top-K selection**: the K best chunks, kept in document order.
+4. **Token sparsity** (optional): inside each selected chunk keep the ``token_capacity`` tokens the
+   query attends to most (SnapKV-style pooling), the BOS anchor always.
+5. **Cache build**: ``full_prompt_mask`` re-encodes prefix + selected chunks + query (+ the masked
+   answer) jointly; ``chunk_query`` encodes each chunk once against the prefix and the last query
+   tokens and reuses that KV as is. Positions: ``continuous`` (selected chunks packed one after
+   another), ``reuse`` (the positions each chunk had when encoded), ``absolute`` (its original
+   place in the BOS-anchored context).
+6. **Decoding**: the sampler's steps run the answer block against the pool of prefix + selected
+   chunks + query + answer (``ChunkKVCache``), through the Triton kernel on a GPU.
+
+With ``chunk_bos=False``, every chunk selected, ``full_prompt_mask`` and ``absolute`` positions,
+this is exactly the dense dual cache (tests/test_prefill.py proves it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
+from pdllm.cache import ChunkKVCache, KVRecorder
+from pdllm.sampler import Batch, GenerationConfig, generate
+from pdllm.tokenizer import LongContextPrompt
+
+SCORE_MODES = ("attention", "draft")
+CACHE_MODES = ("full_prompt_mask", "chunk_query")
+POSITION_MODES = ("continuous", "reuse", "absolute")
+
+
+@dataclass
+class PrefillConfig:
+    chunk_size: int = 1024
+    top_k: int = 4  # K >= number of chunks keeps every chunk
+    chunk_bos: bool = True  # BOS anchor in front of every chunk
+    score: str = "attention"  # see SCORE_MODES
+    score_layers: int = 4  # attention scoring reads the last N layers
+    score_batch: int = 8  # chunks per scoring forward
+    pool_kernel: int = 7  # max-pool width along tokens (SnapKV)
+    draft_tokens: int = 4  # draft scoring: length of the draft answer
+    draft_likelihood: str | None = None  # "masked" | "causal"; None: causal for shifted-logit models
+    token_capacity: int | None = None  # tokens kept per selected chunk (BOS included); None = all
+    token_query_window: int = 8  # token sparsity scores with the last N query rows, all layers
+    cache_mode: str = "full_prompt_mask"
+    chunk_query_window: int = 8  # chunk_query: each chunk is encoded with the last N query tokens
+    positions: str = "continuous"
+
+    def __post_init__(self):
+        problems = []
+        if self.chunk_size < 1:
+            problems.append(f"chunk_size={self.chunk_size} must be >= 1")
+        if self.top_k < 1:
+            problems.append(f"top_k={self.top_k} must be >= 1 (use a K >= the number of chunks to keep all)")
+        for name, value, allowed in (("score", self.score, SCORE_MODES), ("cache_mode", self.cache_mode, CACHE_MODES),
+                                     ("positions", self.positions, POSITION_MODES),
+                                     ("draft_likelihood", self.draft_likelihood, ("masked", "causal", None))):
+            if value not in allowed:
+                problems.append(f"{name}={value!r} must be one of {allowed}")
+        if self.token_capacity is not None and self.token_capacity < 1 + self.chunk_bos:
+            problems.append(f"token_capacity={self.token_capacity} must keep at least one token besides the BOS")
+        if min(self.score_layers, self.score_batch, self.draft_tokens, self.token_query_window,
+               self.chunk_query_window, self.pool_kernel) < 1:
+            problems.append("score_layers, score_batch, draft_tokens, windows and pool_kernel must be >= 1")
+        if problems:
+            raise ValueError("invalid prefill config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Chunking with BOS anchors
+# ---------------------------------------------------------------------------------------------
+
+
+def split_chunks(context: list[int], chunk_size: int, bos_id: int | None) -> list[list[int]]:
+    """Consecutive chunks of chunk_size tokens (the last may be shorter), each led by bos_id."""
+    if not context:
+        raise ValueError("empty context: there is nothing to chunk")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    lead = [] if bos_id is None else [bos_id]
+    return [lead + context[i : i + chunk_size] for i in range(0, len(context), chunk_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Scoring, streamed chunk by chunk
+# ---------------------------------------------------------------------------------------------
+
+
+class AttentionProbe:
+    """Plain self-attention that, in chosen layers, measures how much attention the query rows
+    give each key of the chunk: (B, L_chunk) per layer, max-pooled along tokens, summed over heads.
+
+    The mass comes from the chunk-attention kernels (first pass: log-sum-exp of the query rows over
+    all keys; second pass: each chunk key's share), so no attention matrix is materialised.
+    """
+
+    def __init__(self, layers, query_rows: slice, key_rows: slice, pool_kernel: int):
+        self.layers, self.query_rows, self.key_rows, self.pool_kernel = set(layers), query_rows, key_rows, pool_kernel
+        self.token_scores: list[torch.Tensor] = []  # one (B, L_chunk) fp32 per probed layer
+
+    def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
+        out = dense_attention(q, k, v, mask, backend)
+        if layer in self.layers:
+            B, Hkv, T, D = k.shape
+            pool_k = k.transpose(0, 1).reshape(Hkv, B * T, D)  # the batch's keys as one pool
+            pool_v = v.transpose(0, 1).reshape(Hkv, B * T, D)
+            base = torch.arange(B, device=k.device)[:, None] * T
+            everything = (base + torch.arange(T, device=k.device)).int()
+            chunk_keys = (base + torch.arange(T, device=k.device)[self.key_rows]).int()
+            qr = q[:, :, self.query_rows]
+            full = torch.full((B,), T, dtype=torch.int32, device=k.device)
+            _, lse = chunk_attention(qr, pool_k, pool_v, everything, full)  # (B, H, Tq)
+            mass = key_attention_mass(qr, pool_k, chunk_keys, full.new_full((B,), chunk_keys.shape[1]), lse)
+            self.token_scores.append(pool_tokens(mass, self.pool_kernel).sum(dim=1))  # (B, L_chunk)
+        return out
+
+
+def pool_tokens(mass: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV smoothing: max-pool (B, H, L) along L with a centred window, same length out."""
+    kernel = min(kernel, mass.shape[-1])
+    pooled = F.max_pool1d(mass, kernel, stride=1, padding=kernel // 2)
+    return pooled[..., : mass.shape[-1]]
+
+
+def _batches(chunks, batch_size):
+    """Chunk indices grouped by length (so no padding is needed), in batches."""
+    by_len: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        by_len.setdefault(len(c), []).append(i)
+    for ids in by_len.values():
+        for j in range(0, len(ids), batch_size):
+            yield ids[j : j + batch_size]
+
+
+def attention_token_scores(model, prefix, chunks, query, layers, pool_kernel, batch_size) -> list[torch.Tensor]:
+    """Per chunk, the pooled attention the query rows give each of its tokens, mean over layers.
+
+    Each chunk is encoded as prefix + chunk + query with positions 0..n-1 (its own local
+    forward), so memory stays O(chunk) for any context length.
+    """
+    dev, P, Q = model.device, len(prefix), len(query)
+    scores: list[torch.Tensor | None] = [None] * len(chunks)
+    for ids in _batches(chunks, batch_size):
+        C = len(chunks[ids[0]])
+        idx = torch.tensor([prefix + chunks[i] + query for i in ids], device=dev)
+        pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)
+        probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), pool_kernel)
+        model(idx, pos, cache=probe, logits_slice=slice(0, 0))
+        per_token = torch.stack(probe.token_scores).mean(dim=0)  # (B, C)
+        for row, i in enumerate(ids):
+            scores[i] = per_token[row].float().cpu()
+    return scores
+
+
+def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: PrefillConfig) -> torch.Tensor:
+    """Chunk score = mean over its tokens of the pooled query attention (last cfg.score_layers)."""
+    L = model.cfg.n_layers
+    layers = range(max(0, L - cfg.score_layers), L)
+    per_token = attention_token_scores(model, prompt.prefix, chunks, prompt.query, layers, cfg.pool_kernel,
+                                       cfg.score_batch)
+    return torch.stack([s.mean() for s in per_token])
+
+
+def draft_answer(model, prompt: LongContextPrompt, n_tokens: int) -> list[int]:
+    """A short draft answer from prefix + query alone (no context), decoded greedily."""
+    gc = GenerationConfig(gen_length=n_tokens, block_length=n_tokens, steps=n_tokens)
+    return generate(model, [prompt.prefix + prompt.query], gc, method="vanilla").tokens[0].tolist()
+
+
+def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig) -> torch.Tensor:
+    """Chunk score = mean log-probability of the draft (higher = the chunk supports the answer).
+
+    ``masked`` (bidirectional models, LLaDA): the draft slots are [MASK]; score the true draft
+    token at each slot — the masked-diffusion likelihood. ``causal`` (AR-initialised, Dream): a
+    causal mask, and the log-probability of every query and draft token given what precedes it.
+    """
+    mode = cfg.draft_likelihood or ("causal" if model.cfg.logit_shift else "masked")
+    dev, mask_id, P, Q, d = model.device, model.cfg.mask_id, len(prompt.prefix), len(prompt.query), len(draft)
+    scores = torch.empty(len(chunks))
+    for ids in _batches(chunks, cfg.score_batch):
+        C = len(chunks[ids[0]])
+        shown = [mask_id] * d if mode == "masked" else draft
+        idx = torch.tensor([prompt.prefix + chunks[i] + prompt.query + shown for i in ids], device=dev)
+        T = idx.shape[1]
+        pos = torch.arange(T, device=dev).expand_as(idx)
+        target = torch.tensor(draft, device=dev)
+        if mode == "masked":
+            logits = model(idx, pos, logits_slice=slice(T - d, T)).float()  # (B, d, V)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            logits = model(idx, pos, mask=causal, logits_slice=slice(P + C - 1, T - 1)).float()
+            target = torch.cat([torch.tensor(prompt.query, device=dev), target])
+        logp = logits.log_softmax(dim=-1).gather(-1, target.expand(len(ids), -1)[..., None]).squeeze(-1)
+        scores[ids] = logp.mean(dim=1).cpu()
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Top-K selection and 4. token sparsity
+# ---------------------------------------------------------------------------------------------
+
+
+def select_chunks(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k best chunks, in document order. Ties go to the earlier chunk; NaN scores
+    rank last; k >= the number of chunks selects them all."""
+    if k < 1:
+        raise ValueError(f"top_k={k} must be >= 1")
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i].item(), i))
+    return sorted(order[:k])
+
+
+def keep_tokens(token_scores: torch.Tensor, capacity: int | None, has_bos: bool) -> torch.Tensor:
+    """Offsets kept inside a chunk: the BOS (offset 0) always, then the highest-scored tokens, in order."""
+    n = len(token_scores)
+    if capacity is None or capacity >= n:
+        return torch.arange(n)
+    if capacity < 1 + has_bos:
+        raise ValueError(f"token_capacity={capacity} leaves no room for tokens besides the BOS")
+    start = 1 if has_bos else 0
+    best = token_scores[start:].topk(capacity - start).indices + start
+    head = torch.zeros(start, dtype=torch.long)
+    return torch.cat([head, best]).sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Layout, positions and cache build
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """One request's rows in decoding order: tokens and positions of prefix | chunks | query | answer."""
+
+    tokens: list[int]
+    positions: list[int]
+    chunk_spans: list[tuple[int, int]]  # (start, end) of each selected chunk in tokens
+    query_start: int
+    gen_start: int
+
+
+def build_layout(prompt: LongContextPrompt, chunks, selected, kept, gen_length, mode, mask_id) -> Layout:
+    """Where every kept token sits, and its position id under ``mode``."""
+    P, lengths = len(prompt.prefix), [len(c) for c in chunks]
+    tokens, positions, spans = list(prompt.prefix), list(range(P)), []
+    packed = P  # continuous: next free position
+    for i in selected:
+        start = {"continuous": packed, "reuse": P, "absolute": P + sum(lengths[:i])}[mode]
+        offsets = kept[i].tolist()
+        spans.append((len(tokens), len(tokens) + len(offsets)))
+        tokens += [chunks[i][o] for o in offsets]
+        positions += [start + o for o in offsets]
+        packed += lengths[i]
+    q0 = {"continuous": packed, "reuse": P + max(lengths[i] for i in selected), "absolute": P + sum(lengths)}[mode]
+    query_start = len(tokens)
+    tokens += prompt.query + [mask_id] * gen_length
+    positions += list(range(q0, q0 + len(prompt.query) + gen_length))
+    return Layout(tokens, positions, spans, query_start, query_start + len(prompt.query))
+
+
+def encode_chunk_query(model, cache: ChunkKVCache, prompt: LongContextPrompt, layout: Layout, window: int):
+    """chunk_query: prefix encoded alone; each chunk encoded against the prefix plus the last
+    ``window`` query tokens, and only the chunk's rows kept. Returns the pool rows of the layout."""
+    dev = model.device
+    rows = cache.allocate(len(layout.tokens))
+    P = len(prompt.prefix)
+    rec = KVRecorder()
+    model(torch.tensor([layout.tokens[:P]], device=dev), torch.tensor([layout.positions[:P]], device=dev),
+          cache=rec, logits_slice=slice(0, 0))
+    k, v = rec.stacked()
+    cache.store(rows[:P], k[:, 0], v[:, 0])
+    tail = prompt.query[-window:]
+    scratch = cache.allocate(len(tail))
+    tail_pos = layout.positions[layout.query_start : layout.query_start + len(tail)]
+    for s, e in layout.chunk_spans:
+        view = cache.view([torch.cat([rows[:P], rows[s:e], scratch])])
+        view.set_write_rows(torch.cat([rows[s:e], scratch])[None])
+        model(torch.tensor([layout.tokens[s:e] + tail], device=dev),
+              torch.tensor([layout.positions[s:e] + tail_pos], device=dev), cache=view, logits_slice=slice(0, 0))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The decoding method
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Prefill:
+    """Prefilling-dLLM as a sampler method (``generate(..., method="prefill", top_k=4, ...)``)."""
+
+    name = "prefill"
+
+    def __init__(self, config: PrefillConfig | None = None, **overrides):
+        self.cfg = PrefillConfig(**overrides) if config is None else config
+        self.stats: dict = {}
+        self.selected: list[list[int]] = []  # per request, for inspection and the visualiser
+        self.scores: list[torch.Tensor] = []
+
+    def begin(self, model, batch: Batch):
+        cfg, dev, G = self.cfg, model.device, batch.config.gen_length
+        prompts = batch.prompts
+        if not all(isinstance(p, LongContextPrompt) for p in prompts):
+            raise TypeError("method 'prefill' needs LongContextPrompt prompts (prefix, context, query); "
+                            "build them with Tokenizer.long_context_prompt")
+        bos = model.cfg.bos_id if cfg.chunk_bos else None
+        if cfg.chunk_bos and bos is None:
+            raise ValueError("chunk_bos=True but the model config has no bos_id")
+        timings = {"score_s": 0.0, "build_s": 0.0}
+        layouts, all_chunks = [], []
+        for prompt in prompts:
+            _sync(dev)
+            t0 = time.perf_counter()
+            chunks = split_chunks(prompt.context, cfg.chunk_size, bos)
+            if cfg.score == "attention":
+                scores = score_chunks_attention(model, prompt, chunks, cfg)
+            else:
+                scores = score_chunks_draft(model, prompt, chunks, draft_answer(model, prompt, cfg.draft_tokens), cfg)
+            selected = select_chunks(scores, cfg.top_k)
+            kept = {i: torch.arange(len(chunks[i])) for i in selected}
+            if cfg.token_capacity is not None:
+                window = prompt.query[-cfg.token_query_window:]
+                token_scores = attention_token_scores(model, prompt.prefix, [chunks[i] for i in selected], window,
+                                                      range(model.cfg.n_layers), cfg.pool_kernel, cfg.score_batch)
+                kept = {i: keep_tokens(s, cfg.token_capacity, cfg.chunk_bos) for i, s in zip(selected, token_scores)}
+            _sync(dev)
+            timings["score_s"] += time.perf_counter() - t0
+            layouts.append(build_layout(prompt, chunks, selected, kept, G, cfg.positions, model.cfg.mask_id))
+            all_chunks.append(chunks)
+            self.selected.append(selected)
+            self.scores.append(scores)
+
+        t0 = time.perf_counter()
+        extra = max(len(p.query) for p in prompts) if cfg.cache_mode == "chunk_query" else 0
+        self.cache = ChunkKVCache.for_model(model, sum(len(lay.tokens) for lay in layouts) + extra * len(layouts))
+        self.rows = []
+        for prompt, lay in zip(prompts, layouts):
+            if cfg.cache_mode == "chunk_query":
+                self.rows.append(encode_chunk_query(model, self.cache, prompt, lay, cfg.chunk_query_window))
+            else:
+                self.rows.append(self.cache.allocate(len(lay.tokens)))  # filled by the first refresh
+        self.cache.set_index(self.rows)
+        self.layouts, self.gen_length = layouts, G
+        self.tokens = [torch.tensor(lay.tokens, device=dev) for lay in layouts]
+        self.positions = [torch.tensor(lay.positions, device=dev) for lay in layouts]
+        _sync(dev)
+        timings["build_s"] = time.perf_counter() - t0
+        self.stats = {**timings, "chunks": [len(c) for c in all_chunks], "selected": self.selected,
+                      "kv_rows": [len(lay.tokens) for lay in layouts]}
+
+    def _refresh(self, model, b, answer, first, last):
+        """Re-encode what a block start re-encodes (full_prompt_mask: everything kept; chunk_query:
+        query + answer against the cached chunks). Returns logits for answer rows [first, last)."""
+        lay, rows, dev = self.layouts[b], self.rows[b], model.device
+        self.tokens[b][lay.gen_start :] = answer
+        if self.cfg.cache_mode == "full_prompt_mask":
+            rec = KVRecorder()
+            logits = model(self.tokens[b][None], self.positions[b][None], cache=rec,
+                           logits_slice=slice(lay.gen_start + first, lay.gen_start + last))
+            k, v = rec.stacked()
+            self.cache.store(rows, k[:, 0], v[:, 0])
+            return logits
+        q0 = lay.query_start
+        view = self.cache.view([rows])
+        view.set_write_rows(rows[q0:][None])
+        return model(self.tokens[b][None, q0:], self.positions[b][None, q0:], cache=view,
+                     logits_slice=slice(lay.gen_start - q0 + first, lay.gen_start - q0 + last))
+
+    def block_logits(self, model, x, start, end, step):
+        shift = model.cfg.logit_shift  # Dream: the row before each token predicts it
+        P = x.shape[1] - self.gen_length  # where the answer starts in the sampler's x
+        first, last = start - P - shift, end - P - shift  # answer-relative rows to run
+        if step == 0:
+            return torch.cat([self._refresh(model, b, x[b, P:], first, last) for b in range(x.shape[0])])
+        take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
+        self.cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
+        pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
+        return model(x[:, start - shift : end - shift], pos, cache=self.cache)
