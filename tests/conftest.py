@@ -26,3 +26,64 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny checkpoints in the real on-disk formats (written once per session)
+# ---------------------------------------------------------------------------------------------
+
+SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+CORPUS = ["the quick brown fox jumps over the lazy dog", "what is the pass key", "answer the question based on "
+          "the context below", "context question answer user assistant system", "0 1 2 3 4 5 6 7 8 9"] * 20
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    return tk
+
+
+def tiny_config(arch: str):
+    from pdllm.model import ModelConfig
+
+    tk = make_tokenizer()
+    ids = {t: tk.token_to_id(t) for t in SPECIALS}
+    if arch == "llada":
+        return tk, ModelConfig(arch="llada", vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                               mlp_hidden=96, mask_id=ids["<|mdm_mask|>"], bos_id=ids["<|startoftext|>"],
+                               eos_id=ids["<|endoftext|>"])
+    return tk, ModelConfig(arch="dream", vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           mlp_hidden=96, qkv_bias=True, norm_eps=1e-6, rope_theta=1e6, mask_id=ids["<|mask|>"],
+                           bos_id=ids["<|endoftext|>"], eos_id=ids["<|endoftext|>"])
+
+
+def write_checkpoint(path, arch: str, shards: int):  # shards: 1 or 2
+    from pdllm.model import Transformer, save_pretrained
+
+    tk, cfg = tiny_config(arch)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(std=0.3)  # large weights: varied, confident outputs in a 2-layer model
+    total = sum(p.numel() * 4 for p in model.parameters())
+    save_pretrained(model, path, max_shard_bytes=int(total * 0.6) if shards == 2 else None)
+    tk.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llada_dir(tmp_path_factory):
+    """A tiny random LLaDA-format checkpoint: config.json, 2 shards + index, tokenizer.json."""
+    return write_checkpoint(tmp_path_factory.mktemp("llada"), "llada", shards=2)
+
+
+@pytest.fixture(scope="session")
+def dream_dir(tmp_path_factory):
+    """A tiny random Dream-format checkpoint (Qwen2 names, q/k/v bias, GQA), single file."""
+    return write_checkpoint(tmp_path_factory.mktemp("dream"), "dream", shards=1)

@@ -1,0 +1,242 @@
+"""model.py: config, loading (and every bad input), RoPE, cached forwards, GQA."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pdllm.cache import DenseKVCache
+from pdllm.model import (CheckpointError, ModelConfig, Transformer, apply_rope, from_pretrained, hf_to_ours,
+                         load_config, ours_to_hf, rope_cos_sin, save_pretrained)
+from pdllm.testing import assert_close
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def _copy(src):
+        dst = tmp_path / "ckpt"
+        shutil.copytree(src, dst)
+        return dst
+    return _copy
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def test_config_from_llada_and_dream_names():
+    llada = ModelConfig.from_hf({"model_type": "llada", "d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "n_layers": 32,
+                                 "mlp_hidden_size": 12288, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                                 "vocab_size": 126464, "embedding_size": 126464, "mask_token_id": 126336,
+                                 "layer_norm_type": "rms", "weight_tying": False, "include_bias": False})
+    assert (llada.arch, llada.head_dim, llada.logit_shift, llada.mask_id) == ("llada", 128, 0, 126336)
+    dream = ModelConfig.from_hf({"model_type": "Dream", "hidden_size": 3584, "num_attention_heads": 28,
+                                 "num_key_value_heads": 4, "num_hidden_layers": 28, "intermediate_size": 18944,
+                                 "vocab_size": 152064, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
+    assert (dream.arch, dream.n_kv_heads, dream.qkv_bias, dream.logit_shift, dream.mask_id) == ("dream", 4, True, 1, 151666)
+    assert ModelConfig.from_hf(dream.to_hf()) == dream and ModelConfig.from_hf(llada.to_hf()) == llada
+
+
+@pytest.mark.parametrize("hf, message", [
+    ({"model_type": "gpt2", "n_embd": 768}, "unknown model"),
+    ({"d_model": 64, "n_heads": 3, "n_layers": 2, "mlp_hidden_size": 8, "vocab_size": 10, "mask_token_id": 1},
+     "not divisible by n_heads"),
+    ({"d_model": 64, "n_heads": 4, "n_kv_heads": 3, "n_layers": 2, "mlp_hidden_size": 8, "vocab_size": 10,
+      "mask_token_id": 1}, "multiple of n_kv_heads"),
+    ({"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 10, "mask_token_id": 1}, "mlp_hidden_size"),
+    ({"d_model": 64, "n_heads": 4, "n_layers": 2, "mlp_hidden_size": 8, "vocab_size": 10, "mask_token_id": 99},
+     "outside the vocabulary"),
+    ({"d_model": 64, "n_heads": 4, "n_layers": 2, "mlp_hidden_size": 8, "vocab_size": 10, "mask_token_id": 1,
+      "layer_norm_type": "default"}, "use 'rms'"),
+])
+def test_bad_configs_say_what_is_wrong(hf, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_hf_name_maps_round_trip():
+    for arch, cfg in (("llada", ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=8, mask_id=1)),
+                      ("dream", ModelConfig(arch="dream", vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
+                                            mlp_hidden=8, mask_id=1, qkv_bias=True))):
+        for name, _ in Transformer(cfg).named_parameters():
+            assert hf_to_ours(arch, ours_to_hf(arch, name)) == name
+    assert ours_to_hf("llada", "blocks.3.mlp.gate.weight") == "model.transformer.blocks.3.ff_proj.weight"
+    assert ours_to_hf("dream", "blocks.0.attn.k.bias") == "model.layers.0.self_attn.k_proj.bias"
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", ["llada_dir", "dream_dir"])
+def test_round_trip(fixture, request, tmp_path):
+    src = request.getfixturevalue(fixture)
+    model = from_pretrained(src, torch.float32)
+    save_pretrained(model, tmp_path / "again")
+    again = from_pretrained(tmp_path / "again", "float32")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    assert torch.equal(model(idx, pos), again(idx, pos))
+
+
+def test_sharded_fixture_really_is_sharded(llada_dir):
+    index = json.loads((llada_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+
+
+def test_bf16_load(llada_dir):
+    model = from_pretrained(llada_dir, torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.blocks[0].attn_norm.weight.dtype == torch.bfloat16
+
+
+def _edit_tensors(path, edit):
+    """Rewrite one safetensors file through edit(dict) -> dict."""
+    from safetensors.torch import load_file, save_file
+    tensors = edit(load_file(str(path)))
+    save_file(tensors, str(path))
+
+
+def test_missing_shard(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard model-00002-of-00002.safetensors"):
+        from_pretrained(d)
+
+
+def test_truncated_shard(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    f = d / "model-00001-of-00002.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        from_pretrained(d)
+
+
+def test_wrong_shape_names_key_and_file(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    key = "model.transformer.blocks.0.q_proj.weight"
+    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][key]
+    _edit_tensors(shard, lambda t: {**t, key: t[key][:, :-1].contiguous()})
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: {key} has shape \(64, 63\), expected \(64, 64\)"):
+        from_pretrained(d)
+
+
+def test_unexpected_and_missing_keys(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "model.transformer.ln_f.weight"
+    shard = d / index["weight_map"][key]
+    _edit_tensors(shard, lambda t: {("model.transformer.ln_final.weight" if k == key else k): v for k, v in t.items()})
+    del index["weight_map"][key]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unexpected tensors.*ln_final"):
+        from_pretrained(d)
+    _edit_tensors(shard, lambda t: {k: v for k, v in t.items() if "ln_final" not in k})
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.transformer.ln_f.weight'\]"):
+        from_pretrained(d)
+
+
+def test_index_lists_a_key_the_shard_lacks(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.transformer.extra.weight"] = "model-00001-of-00002.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lists 'model.transformer.extra.weight' in this shard"):
+        from_pretrained(d)
+
+
+def test_integer_weights_are_refused(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    key = "model.transformer.ln_f.weight"
+    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][key]
+    _edit_tensors(shard, lambda t: {**t, key: t[key].to(torch.int32)})
+    with pytest.raises(CheckpointError, match="dtype torch.int32; weights must be floating point"):
+        from_pretrained(d)
+
+
+def test_directory_problems(tmp_path, llada_dir, copy_of):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        from_pretrained(tmp_path / "nope")
+    d = copy_of(llada_dir)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        load_config(d)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        from_pretrained(d)
+    shutil.copy(llada_dir / "config.json", d / "config.json")
+    for f in d.glob("model*"):
+        f.unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="pickle files are never loaded"):
+        from_pretrained(d)
+
+
+def test_bad_dtype_name(llada_dir):
+    with pytest.raises(ValueError, match="not a floating torch dtype"):
+        from_pretrained(llada_dir, "int8")
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), 16, 10000.0)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), 16, 10000.0)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    assert_close(score(3, 1), score(1003, 1001), torch.float32)
+    # fp32 angles lose about position * 6e-8 radians, as in every fp32 RoPE: far out, compare looser
+    assert_close(score(0, 7), score(70000, 70007), torch.bfloat16)
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fixture", ["llada_dir", "dream_dir"])
+def test_block_against_cache_equals_full_forward(fixture, dtype, request):
+    model = from_pretrained(request.getfixturevalue(fixture), dtype)
+    torch.manual_seed(1)
+    T, s, e = 24, 10, 16
+    idx = torch.randint(0, model.cfg.vocab_size, (2, T))
+    pos = torch.arange(T).expand(2, T) + 5
+    full = model(idx, pos)
+    cache = DenseKVCache.for_model(model, 2, T)
+    assert_close(model(idx, pos, cache=cache.window(0)), full, dtype)  # filling the cache is a full forward
+    assert_close(model(idx[:, s:e], pos[:, s:e], cache=cache.window(s)), full[:, s:e], dtype)  # dual cache
+    assert_close(model(idx[:, s:], pos[:, s:], cache=cache.window(s)), full[:, s:], dtype)  # prefix cache
+
+
+def test_gqa_equals_mha_with_repeated_kv(dream_dir):
+    gqa = from_pretrained(dream_dir, torch.float32)
+    cfg = gqa.cfg
+    mha = Transformer(ModelConfig(**{**cfg.__dict__, "n_kv_heads": cfg.n_heads}))
+    state = gqa.state_dict()
+    group, D = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    for name, t in list(state.items()):
+        if ".attn.k." in name or ".attn.v." in name:  # each KV head serves `group` query heads
+            state[name] = t.view(cfg.n_kv_heads, D, *t.shape[1:]).repeat_interleave(group, 0).reshape(-1, *t.shape[1:])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    assert_close(gqa(idx, pos), mha(idx, pos), torch.float32)
+
+
+def test_reference_and_sdpa_backends_agree(llada_dir):
+    model = from_pretrained(llada_dir, torch.float32)
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 16))
+    pos = torch.arange(16)[None]
+    sdpa = model(idx, pos)
+    model.attention_backend = "reference"
+    assert_close(model(idx, pos), sdpa, torch.float32)
+    model.attention_backend = "flash3"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        model(idx, pos)
+
+
+def test_forward_shape_errors(llada_dir):
+    model = from_pretrained(llada_dir, torch.float32)
+    with pytest.raises(ValueError, match="same"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
