@@ -390,10 +390,10 @@ class Prefill:
     def block_logits(self, model, x, start, end, step):
         shift = model.cfg.logit_shift  # Dream: the row before each token predicts it
         P = x.shape[1] - self.gen_length  # where the answer starts in the sampler's x
-        first, last = start - P - shift, end - P - shift  # answer-relative rows to run
+        first, last = start - P - shift, end - P  # answer-relative rows to run (the whole block)
         if step == 0:
-            return torch.cat([self._refresh(model, b, x[b, P:], first, last) for b in range(x.shape[0])])
+            return torch.cat([self._refresh(model, b, x[b, P:], first, last - shift) for b in range(x.shape[0])])
         take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
         self.cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
         pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
-        return model(x[:, start - shift : end - shift], pos, cache=self.cache)
+        return model(x[:, start - shift : end], pos, cache=self.cache, logits_slice=slice(0, end - start))

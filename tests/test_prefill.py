@@ -1,0 +1,242 @@
+"""prefill.py: Prefilling-dLLM is the dense model with fewer chunks, and each step of the method."""
+
+import math
+
+import pytest
+import torch
+
+from pdllm.attention import reference_attention
+from pdllm.cache import KVRecorder
+from pdllm.model import from_pretrained
+from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, keep_tokens, pool_tokens,
+                           score_chunks_attention, score_chunks_draft, select_chunks, split_chunks)
+from pdllm.sampler import GenerationConfig, generate, make_method
+from pdllm.testing import assert_close
+from pdllm.tokenizer import LongContextPrompt
+
+
+@pytest.fixture(scope="module")
+def llada(llada_dir):
+    return from_pretrained(llada_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dream(dream_dir):
+    return from_pretrained(dream_dir, torch.float32)
+
+
+def request_of(model, context_len=45, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, model.cfg.vocab_size - 20, (n,), generator=g).tolist()  # noqa: E731
+    return LongContextPrompt(prefix=[model.cfg.bos_id] + ids(5), context=ids(context_len), query=ids(6))
+
+
+class Recorder:
+    """Wraps a method and keeps the logits of every step."""
+
+    def __init__(self, method):
+        self.method, self.name, self.logits = method, method.name, []
+
+    @property
+    def stats(self):
+        return self.method.stats
+
+    def begin(self, model, batch):
+        self.method.begin(model, batch)
+
+    def block_logits(self, model, x, start, end, step):
+        out = self.method.block_logits(model, x, start, end, step)
+        self.logits.append(out)
+        return out
+
+
+# ---- the proof: sparse with everything selected == dense --------------------------------------
+
+DENSE_EQUIVALENT = dict(chunk_size=8, top_k=100, chunk_bos=False, positions="absolute", cache_mode="full_prompt_mask")
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_all_chunks_no_bos_absolute_full_prompt_equals_dense_dual_cache(model_name, threshold, request):
+    model = request.getfixturevalue(model_name)
+    batch = [request_of(model, 45, seed=0), request_of(model, 30, seed=1)]
+    gc = GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=threshold)
+    for req in batch:
+        dense, sparse = Recorder(make_method("dual")), Recorder(Prefill(**DENSE_EQUIVALENT))
+        d = generate(model, [req], gc, method=dense)
+        s = generate(model, [req], gc, method=sparse)
+        assert torch.equal(s.tokens, d.tokens)
+        assert len(dense.logits) == len(sparse.logits) == d.nfe
+        for a, b in zip(sparse.logits, dense.logits):
+            assert_close(a, b, torch.float32)
+    # a batch of requests of different lengths: per-row chunk tables, same answers
+    together = generate(model, batch, gc, method="prefill", **DENSE_EQUIVALENT)
+    alone = [generate(model, [req], gc, method="dual").tokens[0] for req in batch]
+    assert torch.equal(together.tokens, torch.stack(alone))
+
+
+def test_chunk_query_with_everything_selected_decodes(llada):
+    out = generate(llada, [request_of(llada)], GenerationConfig(gen_length=8, block_length=8, steps=8),
+                   method="prefill", chunk_size=8, top_k=100, cache_mode="chunk_query")
+    assert (out.tokens != llada.cfg.mask_id).all() and out.stats["kv_rows"][0] > 45
+
+
+# ---- 1. chunking -------------------------------------------------------------------------------
+
+def test_chunk_boundaries_and_bos_placement():
+    ctx = list(range(10, 33))  # 23 tokens
+    chunks = split_chunks(ctx, 8, bos_id=1)
+    assert [len(c) for c in chunks] == [9, 9, 8]  # BOS + 8, BOS + 8, BOS + the short rest
+    assert all(c[0] == 1 for c in chunks)
+    assert sum((c[1:] for c in chunks), []) == ctx  # nothing lost, nothing repeated
+    assert split_chunks(ctx, 8, bos_id=None)[2] == ctx[16:]
+    assert split_chunks(ctx, 100, bos_id=1) == [[1] + ctx]
+    with pytest.raises(ValueError, match="empty context"):
+        split_chunks([], 8, 1)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        split_chunks(ctx, 0, 1)
+
+
+# ---- 2. scoring --------------------------------------------------------------------------------
+
+def explicit_attention_scores(model, prompt, chunks, layers, kernel):
+    """The same scores from the explicit softmax matrix of each chunk's forward (no kernels)."""
+    P, Q = len(prompt.prefix), len(prompt.query)
+    out = []
+    for c in chunks:
+        seq = torch.tensor([prompt.prefix + c + prompt.query])
+        rec = KVRecorder()
+        qs = []
+
+        class Q_(KVRecorder):
+            def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
+                qs.append(q)
+                return rec.attend(layer, q, k, v, mask, backend)
+
+        model(seq, torch.arange(seq.shape[1])[None], cache=Q_())
+        per_layer = []
+        for layer in layers:
+            q, k = qs[layer], rec.k[layer]
+            group = q.shape[1] // k.shape[1]
+            s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(group, 1)) / math.sqrt(q.shape[-1])
+            probs = s.softmax(-1)[:, :, P + len(c):, P:P + len(c)]  # query rows -> chunk keys
+            per_layer.append(pool_tokens(probs.sum(2), kernel).sum(1)[0])
+        out.append(torch.stack(per_layer).mean(0).mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_streamed_attention_scores_equal_the_full_attention_matrix(model_name, request):
+    model = request.getfixturevalue(model_name)
+    prompt = request_of(model, 45)
+    chunks = split_chunks(prompt.context, 8, model.cfg.bos_id)
+    cfg = PrefillConfig(chunk_size=8, score_layers=2, score_batch=3)
+    expected = explicit_attention_scores(model, prompt, chunks, range(model.cfg.n_layers - 2, model.cfg.n_layers), 7)
+    assert_close(score_chunks_attention(model, prompt, chunks, cfg), expected, torch.float32)
+
+
+def test_probe_mass_is_the_share_of_the_full_softmax(llada):
+    """Without pooling, the mass a query row gives all keys sums to 1 (the lse covers them all)."""
+    seq = torch.randint(3, 200, (2, 20))
+    probe = AttentionProbe([0, 1], slice(14, 20), slice(0, 20), pool_kernel=1)
+    llada(seq, torch.arange(20).expand(2, 20), cache=probe)
+    for scores in probe.token_scores:
+        assert_close(scores.sum(-1), torch.full((2,), 6.0 * llada.cfg.n_heads), torch.float32)
+
+
+@pytest.mark.parametrize("model_name, mode", [("llada", "masked"), ("llada", "causal"), ("dream", "causal"),
+                                              ("dream", "masked")])
+def test_draft_scores_are_mean_log_probs(model_name, mode, request):
+    model = request.getfixturevalue(model_name)
+    prompt = request_of(model, 20)
+    chunks = split_chunks(prompt.context, 8, model.cfg.bos_id)
+    draft = [5, 6, 7]
+    scores = score_chunks_draft(model, prompt, chunks, draft, PrefillConfig(chunk_size=8, draft_likelihood=mode,
+                                                                             score_batch=2))
+    assert scores.shape == (len(chunks),) and (scores < 0).all()
+    c = chunks[1]  # recompute one by hand
+    if mode == "masked":
+        seq = prompt.prefix + c + prompt.query + [model.cfg.mask_id] * 3
+        logits = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -3:]
+        expected = logits.log_softmax(-1)[range(3), draft].mean()
+    else:
+        seq = prompt.prefix + c + prompt.query + draft
+        n = len(seq)
+        logits = model(torch.tensor([seq]), torch.arange(n)[None], mask=torch.ones(n, n, dtype=torch.bool).tril())[0]
+        targets = prompt.query + draft
+        first = len(prompt.prefix) + len(c)
+        expected = logits[first - 1 : n - 1].log_softmax(-1)[range(len(targets)), targets].mean()
+    assert_close(scores[1], expected, torch.float32)
+
+
+# ---- 3. top-K ----------------------------------------------------------------------------------
+
+def test_select_chunks_keeps_document_order_and_breaks_ties_early():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.9, float("nan"), 0.5])
+    assert select_chunks(scores, 3) == [1, 3, 5]
+    assert select_chunks(scores, 1) == [1]  # tie between 1 and 3: the earlier chunk
+    assert select_chunks(scores, 6) == list(range(6)) and select_chunks(scores, 60) == list(range(6))
+    assert 4 not in select_chunks(scores, 5)  # NaN ranks last
+    with pytest.raises(ValueError, match="top_k=0"):
+        select_chunks(scores, 0)
+
+
+# ---- 4. token sparsity ---------------------------------------------------------------------------
+
+def test_bos_survives_token_sparsity_and_order_is_kept():
+    scores = torch.tensor([0.0, 5.0, 1.0, 9.0, 2.0, 8.0])
+    assert keep_tokens(scores, 3, has_bos=True).tolist() == [0, 3, 5]
+    assert keep_tokens(scores, 3, has_bos=False).tolist() == [1, 3, 5]
+    assert keep_tokens(scores, 6, has_bos=True).tolist() == list(range(6))  # capacity >= length: no-op
+    assert keep_tokens(scores, 60, has_bos=True).tolist() == list(range(6))
+    with pytest.raises(ValueError, match="no room"):
+        keep_tokens(scores, 1, has_bos=True)
+
+
+def test_token_capacity_end_to_end(llada):
+    gc = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    req = request_of(llada, 45)
+    big = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3)
+    same = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3, token_capacity=9)
+    small = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3, token_capacity=4)
+    assert torch.equal(big.tokens, same.tokens)  # capacity >= chunk length changes nothing
+    assert big.stats["kv_rows"][0] - small.stats["kv_rows"][0] == 3 * (9 - 4)
+
+
+# ---- 5. positions ------------------------------------------------------------------------------
+
+def test_position_modes():
+    prompt = LongContextPrompt(prefix=[1, 2], context=[], query=[7, 8])
+    chunks = [[0, 10, 11, 12], [0, 20, 21, 22], [0, 30, 31]]  # BOS + tokens
+    kept = {0: torch.arange(4), 2: torch.tensor([0, 2])}  # chunk 2 lost a token to sparsity
+    layouts = {m: build_layout(prompt, chunks, [0, 2], kept, 3, m, mask_id=99) for m in
+               ("continuous", "reuse", "absolute")}
+    for lay in layouts.values():
+        assert lay.tokens == [1, 2, 0, 10, 11, 12, 0, 31, 7, 8, 99, 99, 99]
+        assert lay.chunk_spans == [(2, 6), (6, 8)] and lay.query_start == 8 and lay.gen_start == 10
+    assert layouts["continuous"].positions == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13]
+    assert layouts["reuse"].positions == [0, 1, 2, 3, 4, 5, 2, 4, 6, 7, 8, 9, 10]
+    assert layouts["absolute"].positions == [0, 1, 2, 3, 4, 5, 10, 12, 13, 14, 15, 16, 17]
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), "top_k=0"), (dict(chunk_size=0), "chunk_size=0"), (dict(score="bm25"), "score='bm25'"),
+    (dict(cache_mode="paged"), "cache_mode"), (dict(positions="rope"), "positions"),
+    (dict(token_capacity=1), "token_capacity=1"), (dict(draft_likelihood="ar"), "draft_likelihood"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrefillConfig(**kwargs)
+
+
+def test_prefill_needs_structured_prompts_and_a_context(llada):
+    gc = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    with pytest.raises(TypeError, match="LongContextPrompt"):
+        generate(llada, [[1, 2, 3]], gc, method="prefill")
+    with pytest.raises(ValueError, match="empty context"):
+        generate(llada, [LongContextPrompt([1, 2], [], [3, 4])], gc, method="prefill")
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(llada, [request_of(llada)], GenerationConfig(gen_length=8, block_length=8, steps=8, cfg_scale=1.0),
+                 method="prefill")
