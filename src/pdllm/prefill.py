@@ -317,6 +317,7 @@ class Prefill:
         self.stats: dict = {}
         self.selected: list[list[int]] = []  # per request, for inspection and the visualiser
         self.scores: list[torch.Tensor] = []
+        self.chunk_lengths: list[list[int]] = []
 
     def begin(self, model, batch: Batch):
         cfg, dev, G = self.cfg, model.device, batch.config.gen_length
@@ -350,6 +351,7 @@ class Prefill:
             all_chunks.append(chunks)
             self.selected.append(selected)
             self.scores.append(scores)
+            self.chunk_lengths.append([len(c) for c in chunks])
 
         t0 = time.perf_counter()
         extra = max(len(p.query) for p in prompts) if cfg.cache_mode == "chunk_query" else 0
