@@ -240,3 +240,24 @@ def test_prefill_needs_structured_prompts_and_a_context(llada):
     with pytest.raises(ValueError, match="cfg_scale"):
         generate(llada, [request_of(llada)], GenerationConfig(gen_length=8, block_length=8, steps=8, cfg_scale=1.0),
                  method="prefill")
+
+
+# ---- on a GPU: the kernel path end to end ------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
+    model = request.getfixturevalue(model_name).to("cuda")
+    try:
+        gc = GenerationConfig(gen_length=16, block_length=8, steps=16)
+        for req in (request_of(model, 45, seed=0), request_of(model, 30, seed=1)):
+            dense, sparse = Recorder(make_method("dual")), Recorder(Prefill(**DENSE_EQUIVALENT))
+            assert torch.equal(generate(model, [req], gc, method=sparse).tokens,
+                               generate(model, [req], gc, method=dense).tokens)
+            for a, b in zip(sparse.logits, dense.logits):
+                assert_close(a, b, torch.float16)  # fp32 on the GPU: TF32-free kernel vs cuBLAS/SDPA
+        out = generate(model, [request_of(model, 45)], gc, method="prefill", chunk_size=8, top_k=2,
+                       token_capacity=5, score="attention")
+        assert (out.tokens != model.cfg.mask_id).all()
+    finally:
+        model.to("cpu")
