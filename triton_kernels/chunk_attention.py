@@ -141,8 +141,9 @@ def _combine_splits(
             w = tl.exp2(lse_s - m_safe)
             denom = tl.sum(w, 0)
             o = tl.load(O_PART + (offs_s[:, None] * num_rows + r).to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=split_valid[:, None], other=0.0)
-            out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-            lse = tl.where(denom > 0.0, (m_safe + tl.log2(denom)) * 0.6931471805599453, float("-inf"))
+            denom_safe = tl.where(denom > 0.0, denom, 1.0)
+            out = tl.sum(o * w[:, None], 0) / denom_safe
+            lse = tl.where(denom > 0.0, (m_safe + tl.log2(denom_safe)) * 0.6931471805599453, float("-inf"))
             tl.store(OUT + r.to(tl.int64) * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty))
             tl.store(LSE + r, lse)
 
