@@ -1,0 +1,301 @@
+"""Sweep launch parameters of the chunk-attention kernels and write this GPU's config file.
+
+    python -m pdllm.autotune                       # the default grid (long: ~an hour on an H100)
+    python -m pdllm.autotune --kv-lens 4096 --q-rows 32 --head-dims 128 --groups 1 --dtypes bfloat16
+
+For every shape bucket (context length of the selected KV, query rows, head_dim, GQA ratio, dtype)
+it builds a realistic problem (one batch row, about 32 query heads, the selected keys are
+1024-row chunks in random order out of a pool twice as large), then
+
+  chunk_attention:    stage 1 sweeps BLOCK_N x num_warps x num_stages with the SM-filling split
+                      heuristic, stage 2 sweeps num_splits for the winner;
+  key_attention_mass: sweeps BLOCK_N x num_warps x num_stages.
+
+Each candidate is first checked against the reference of pdllm.attention with the tolerance of
+pdllm.testing (a candidate that fails to compile or disagrees is dropped and reported), then
+timed with triton.testing.do_bench (median, L2 flushed between runs). The winners go to
+``<out-dir>/<device_key>.json`` (merged with the buckets already there) together with the device,
+driver, torch and triton versions and the date. ``--budget-s`` stops starting new buckets after
+that many seconds, so a sweep always ends with a valid file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdllm.autotune.configs import CONFIG_DIR, DTYPE_NAMES, device_key, load_config_file
+
+TOTAL_HEADS = 32  # query heads of the tuning problems: Hkv = max(1, heads // group)
+CHUNK = 1024
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pdllm.autotune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", default="chunk_attention,key_attention_mass")
+    p.add_argument("--kv-lens", default="1024,4096,16384,65536", help="context lengths of the selected KV")
+    p.add_argument("--q-rows", default="32,1,128", help="query rows per head (Tq)")
+    p.add_argument("--head-dims", default="128,64")
+    p.add_argument("--groups", default="1,4,7", help="GQA ratios H / Hkv")
+    p.add_argument("--dtypes", default="bfloat16,float16")
+    p.add_argument("--block-n", default="32,64,128")
+    p.add_argument("--num-warps", default="4,8")
+    p.add_argument("--num-stages", default="2,3,4")
+    p.add_argument("--num-splits", default="1,2,4,8,16,32")
+    p.add_argument("--heads", type=int, default=TOTAL_HEADS, help="about this many query heads (Hkv = heads // group)")
+    p.add_argument("--warmup-ms", type=float, default=5.0)
+    p.add_argument("--rep-ms", type=float, default=25.0)
+    p.add_argument("--budget-s", type=float, default=None, help="start no new bucket after this many seconds")
+    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run in the Triton interpreter")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems, checking, timing
+# ---------------------------------------------------------------------------------------------
+
+
+def make_problem(kv_len, q_rows, head_dim, group, dtype, device, heads=TOTAL_HEADS, seed=0):
+    """One batch row; the selected keys are CHUNK-row chunks (random order) of a 2x larger pool."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hkv = max(1, heads // group)
+    H = hkv * group
+    pool = 2 * kv_len
+    chunk = min(CHUNK, kv_len)
+    n_chunks = pool // chunk
+    chunks = torch.randperm(n_chunks, generator=g)[: math.ceil(kv_len / chunk)]
+    index = (chunks[:, None] * chunk + torch.arange(chunk)).flatten()[:kv_len].to(torch.int32)[None]
+    q = torch.randn(1, H, q_rows, head_dim, generator=g).to(dtype)
+    k_pool = torch.randn(hkv, pool, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(hkv, pool, head_dim, generator=g).to(dtype)
+    kv_len_t = torch.tensor([kv_len], dtype=torch.int32)
+    return [t.to(device) for t in (q, k_pool, v_pool, index.contiguous(), kv_len_t)]
+
+
+def bench(fn, device, warmup_ms, rep_ms) -> float:
+    """Median milliseconds: do_bench on CUDA, a host clock in the interpreter."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def _close(actual, expected, dtype) -> str | None:
+    from pdllm.testing import assert_close
+
+    try:
+        assert_close(actual, expected, dtype=dtype)
+    except AssertionError as e:
+        return str(e).splitlines()[0] if str(e) else "mismatch"
+    return None
+
+
+def _try(fn, check, device, args):
+    """(ms, None) for a candidate that runs and agrees with the reference, else (None, why)."""
+    try:
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # out of shared memory, compile errors: the candidate is dropped
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    why = check(result)
+    if why:
+        return None, why
+    return bench(fn, device, args.warmup_ms, args.rep_ms), None
+
+
+def tune_chunk_attention(problem, args, device, log):
+    from pdllm.attention import chunk_attention_reference
+    from pdllm.triton_kernels.chunk_attention import block_m_for, chunk_attention, default_num_splits, num_sms
+    import triton
+
+    q, k_pool, v_pool, index, kv_len = problem
+    B, H, Tq, D = q.shape
+    hkv = k_pool.shape[0]
+    L = index.shape[1]
+    base = B * hkv * triton.cdiv((H // hkv) * Tq, block_m_for((H // hkv) * Tq))
+    ref_out, ref_lse = chunk_attention_reference(q, k_pool, v_pool, index, kv_len)
+
+    def check(result):
+        out, lse = result
+        return _close(out, ref_out, q.dtype) or _close(lse, ref_lse, torch.float32)
+
+    def run(cfg):
+        return _try(lambda: chunk_attention(q, k_pool, v_pool, index, kv_len, config=cfg), check, device, args)
+
+    best, best_ms, rejected = None, math.inf, []
+    for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages)):
+        splits = default_num_splits(base, L, bn, num_sms(q.device))
+        cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "num_splits": splits}
+        ms, why = run(cfg)
+        if why:
+            rejected.append({"config": cfg, "why": why})
+        elif ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        return None, rejected
+    heuristic_ms = best_ms
+    for s in _ints(args.num_splits):
+        if s == best["num_splits"] or s > triton.cdiv(L, best["BLOCK_N"]):
+            continue
+        cfg = dict(best, num_splits=s)
+        ms, why = run(cfg)
+        if why:
+            rejected.append({"config": cfg, "why": why})
+        elif ms < best_ms:
+            best, best_ms = cfg, ms
+    elem = q.element_size()
+    nbytes = L * hkv * D * 2 * elem + 2 * q.numel() * elem
+    entry = {
+        "config": best,
+        "base_programs": base,
+        "time_us": round(best_ms * 1e3, 2),
+        "heuristic_splits_time_us": round(heuristic_ms * 1e3, 2),
+        "gbps": round(nbytes / (best_ms * 1e-3) / 1e9, 1),
+        "problem": {"batch": B, "heads": H, "kv_heads": hkv, "pool_rows": k_pool.shape[1]},
+    }
+    return entry, rejected
+
+
+def tune_key_attention_mass(problem, args, device, log):
+    from pdllm.attention import chunk_attention_reference, key_attention_mass_reference
+    from pdllm.triton_kernels.attention_mass import key_attention_mass
+
+    q, k_pool, v_pool, index, kv_len = problem
+    lse = chunk_attention_reference(q, k_pool, v_pool, index, kv_len)[1]
+    ref = key_attention_mass_reference(q, k_pool, index, kv_len, lse)
+    best, best_ms, rejected = None, math.inf, []
+    for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages)):
+        cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+        ms, why = _try(lambda: key_attention_mass(q, k_pool, index, kv_len, lse, config=cfg),
+                       lambda m: _close(m, ref, q.dtype), device, args)
+        if why:
+            rejected.append({"config": cfg, "why": why})
+        elif ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        return None, rejected
+    return {"config": best, "time_us": round(best_ms * 1e3, 2)}, rejected
+
+
+TUNERS = {"chunk_attention": tune_chunk_attention, "key_attention_mass": tune_key_attention_mass}
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": datetime.date.today().isoformat()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, device_key=device_key(props.name), sm_count=props.multi_processor_count)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20, check=True).stdout.split()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = None
+    else:
+        env.update(device="triton-interpreter", device_key="cpu", sm_count=None, driver=None)
+    return env
+
+
+def _same_bucket(a, b):
+    return all(a[k] == b[k] for k in ("kv_len", "q_rows", "head_dim", "group", "dtype"))
+
+
+def write_table(path: Path, env: dict, results: dict, grid: dict):
+    """Merge new entries into the file (same bucket: replaced), keep it sorted, write atomically."""
+    data = load_config_file(path) if path.exists() else {}
+    data.update(env)
+    data["grid"] = grid
+    for kernel, entries in results.items():
+        old = [e for e in data.get(kernel, []) if not any(_same_bucket(e["bucket"], n["bucket"]) for n in entries)]
+        merged = old + entries
+        merged.sort(key=lambda e: tuple(e["bucket"][k] for k in ("dtype", "head_dim", "group", "q_rows", "kv_len")))
+        data[kernel] = merged
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    load_config_file(path)  # what we wrote must load
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("pdllm.autotune: no CUDA GPU here; nothing to tune (use --device cpu for an interpreter smoke run)",
+              file=sys.stderr)
+        return 2
+    kernels = [k for k in args.kernels.split(",") if k]
+    for k in kernels:
+        if k not in TUNERS:
+            raise SystemExit(f"unknown kernel {k!r}; choose from {sorted(TUNERS)}")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for d in dtypes:
+        if d not in DTYPE_NAMES:
+            raise SystemExit(f"unknown dtype {d!r}; choose from {sorted(DTYPE_NAMES)}")
+    env = environment(device)
+    path = args.out_dir / f"{env['device_key']}.json"
+    grid = {k: getattr(args, k) for k in ("kv_lens", "q_rows", "head_dims", "groups", "dtypes", "block_n",
+                                         "num_warps", "num_stages", "num_splits", "heads", "rep_ms")}
+    results = {k: [] for k in kernels}
+    start = time.time()
+    buckets = list(itertools.product(dtypes, _ints(args.head_dims), _ints(args.groups), _ints(args.q_rows),
+                                     _ints(args.kv_lens)))
+    print(f"tuning {len(buckets)} buckets x {kernels} on {env['device']} -> {path}", flush=True)
+    done = 0
+    for dtype, D, group, Tq, kv in buckets:
+        if args.budget_s is not None and time.time() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s reached after {done}/{len(buckets)} buckets", flush=True)
+            break
+        bucket = {"kv_len": kv, "q_rows": Tq, "head_dim": D, "group": group, "dtype": dtype}
+        problem = make_problem(kv, Tq, D, group, DTYPE_NAMES[dtype], device, heads=args.heads)
+        for kernel in kernels:
+            entry, rejected = TUNERS[kernel](problem, args, device, print)
+            msg = f"[{time.time() - start:6.1f}s] {kernel:<19} {bucket}"
+            if entry is None:
+                print(f"{msg}: every candidate failed: {rejected[:3]}", flush=True)
+                continue
+            entry = {"bucket": bucket, **entry, "rejected": len(rejected)}
+            results[kernel].append(entry)
+            print(f"{msg}: {entry['config']} {entry['time_us']} us"
+                  + (f" ({entry['gbps']} GB/s)" if "gbps" in entry else "")
+                  + (f"; {len(rejected)} rejected, e.g. {rejected[0]['why'][:80]}" if rejected else ""), flush=True)
+        done += 1
+        del problem
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write_table(path, env, results, grid)
+    print(f"wrote {path} ({sum(len(v) for v in results.values())} entries, {time.time() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
