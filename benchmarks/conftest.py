@@ -1,0 +1,107 @@
+"""Benchmark set-up: collect bench_*.py, measure the GPU's two ceilings once, print a summary.
+
+Run with ``pytest --benchmark`` (see the repository's conftest.py); plain ``pytest`` skips them.
+Without CUDA every benchmark is skipped. Triton and the kernels are imported lazily, inside
+fixtures, so that this file never imports triton before tests/conftest.py sets TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+
+import pytest
+import torch
+
+if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them with
+    collect_ignore_glob = ["bench_*.py"]
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Filled by the benchmarks: {group: {impl: extra_info}}; printed at the end of the session.
+RESULTS: dict[str, dict[str, dict]] = {}
+CEILINGS: dict = {}
+
+
+def pytest_collect_file(parent, file_path):
+    """pytest's default pattern is test_*.py; benchmarks live in bench_*.py."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def gpu_info() -> dict:
+    """Device, driver and library versions, recorded with every result."""
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    if HAS_CUDA:
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["driver"] = None
+    return info
+
+
+@pytest.fixture(scope="session")
+def bench_results():
+    """{group: {impl: extra_info}}, filled by the benchmarks, printed in the terminal summary."""
+    return RESULTS
+
+
+@pytest.fixture(scope="session")
+def gpu_ceilings():
+    """Copy bandwidth (bytes read + written by a 1 GiB device-to-device copy) and bf16 matmul
+    TFLOP/s (8192^3 on random data), each the median of triton.testing.do_bench."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    if not CEILINGS:
+        n = 2**30
+        src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+        CEILINGS["copy_gbps"] = 2 * n / (ms * 1e-3) / 1e9
+        del src, dst
+        m = 8192
+        a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+        CEILINGS["matmul_bf16_tflops"] = 2 * m**3 / (ms * 1e-3) / 1e12
+        del a, b
+        CEILINGS.update(gpu_info())
+        torch.cuda.empty_cache()
+    return CEILINGS
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["gpu"] = dict(CEILINGS) if CEILINGS else (gpu_info() if HAS_CUDA else None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("chunk attention kernels")
+    tr.write_line(
+        f"{CEILINGS.get('device')}: copy {CEILINGS['copy_gbps']:.0f} GB/s (read+write), "
+        f"bf16 matmul {CEILINGS['matmul_bf16_tflops']:.0f} TFLOP/s; torch {CEILINGS.get('torch')}, "
+        f"triton {CEILINGS.get('triton')}, driver {CEILINGS.get('driver')}"
+    )
+    others = ["sdpa_gather", "flex", "sdpa_dense"]
+    tr.write_line(f"{'shape':<22}{'pdllm us':>10}{'GB/s':>8}{'% copy':>8}" + "".join(f"{o + ' x':>15}" for o in others))
+    for group, impls in RESULTS.items():
+        ours = impls.get("pdllm")
+        if ours is None:
+            continue
+        line = f"{group:<22}{ours['time_us']:>10.1f}{ours['gbps']:>8.0f}{ours['pct_copy_bw']:>8.1f}"
+        for o in others:
+            line += f"{impls[o]['time_us'] / ours['time_us']:>15.2f}" if o in impls else f"{'-':>15}"
+        tr.write_line(line)
+    tr.write_line("'<impl> x': that implementation's time over pdllm's (> 1: pdllm is faster)")

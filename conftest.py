@@ -1,0 +1,32 @@
+"""Repository-wide pytest set-up: benchmarks run only on request.
+
+``pytest``              runs the tests; tests that use pytest-benchmark's ``benchmark`` fixture
+                        are skipped (pytest-benchmark's benchmark_skip), so CI stays fast.
+``pytest --benchmark``  runs the benchmark suite only (pytest-benchmark's benchmark_only).
+
+pytest-benchmark's own ``--benchmark-only`` / ``--benchmark-skip`` still work as usual. This file
+imports nothing heavy: tests/conftest.py must set TRITON_INTERPRET before triton is imported.
+"""
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--benchmark",
+        action="store_true",
+        default=False,
+        help="run the benchmarks (benchmarks/bench_*.py) and nothing else; without it they are skipped",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
+def pytest_configure(config):
+    opt = config.option
+    if not hasattr(opt, "benchmark_only"):  # pytest-benchmark is not installed
+        return
+    if config.getoption("--benchmark"):
+        opt.benchmark_only = True
+        opt.benchmark_skip = False
+    elif not opt.benchmark_only:
+        opt.benchmark_skip = True
