@@ -46,7 +46,7 @@ class Recorder:
 
     def block_logits(self, model, x, start, end, step):
         out = self.method.block_logits(model, x, start, end, step)
-        self.logits.append(out)
+        self.logits.append(out.clone())  # a CUDA-graph step overwrites its output at the next replay
         return out
 
 
@@ -259,5 +259,12 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
         out = generate(model, [request_of(model, 45)], gc, method="prefill", chunk_size=8, top_k=2,
                        token_capacity=5, score="attention")
         assert (out.tokens != model.cfg.mask_id).all()
+        for name, kwargs in (("prefill", dict(chunk_size=8, top_k=2)), ("dual", {}), ("prefix", {})):
+            graphed, eager = Recorder(make_method(name, **kwargs)), Recorder(make_method(name, cuda_graphs=False, **kwargs))
+            req = request_of(model, 45)
+            assert torch.equal(generate(model, [req], gc, method=graphed).tokens,
+                               generate(model, [req], gc, method=eager).tokens)
+            for a, b in zip(graphed.logits, eager.logits):
+                assert_close(a, b, torch.float32)
     finally:
         model.to("cpu")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
+from pdllm.graphs import StepGraph, graphs_available
 from pdllm.sampler import Batch, GenerationConfig, generate
 from pdllm.tokenizer import LongContextPrompt
 
@@ -312,8 +313,10 @@ class Prefill:
 
     name = "prefill"
 
-    def __init__(self, config: PrefillConfig | None = None, **overrides):
+    def __init__(self, config: PrefillConfig | None = None, cuda_graphs: bool = True, **overrides):
         self.cfg = PrefillConfig(**overrides) if config is None else config
+        self.cuda_graphs = cuda_graphs  # replay decode steps from a CUDA graph (on a GPU)
+        self.graph: StepGraph | None = None
         self.stats: dict = {}
         self.selected: list[list[int]] = []  # per request, for inspection and the visualiser
         self.scores: list[torch.Tensor] = []
@@ -395,7 +398,17 @@ class Prefill:
         first, last = start - P - shift, end - P  # answer-relative rows to run (the whole block)
         if step == 0:
             return torch.cat([self._refresh(model, b, x[b, P:], first, last - shift) for b in range(x.shape[0])])
+        idx = x[:, start - shift : end]
+        if self.graph is not None and self.graph.key == (start, end):
+            return self.graph(idx)
         take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
         self.cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
         pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
-        return model(x[:, start - shift : end], pos, cache=self.cache, logits_slice=slice(0, end - start))
+
+        def step(tokens):
+            return model(tokens, pos, cache=self.cache, logits_slice=slice(0, end - start))
+
+        if self.cuda_graphs and graphs_available(x.device):
+            self.graph = StepGraph(step, idx, key=(start, end))
+            return self.graph(idx)
+        return step(idx)

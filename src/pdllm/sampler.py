@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.cache import DenseKVCache
+from pdllm.graphs import StepGraph, graphs_available
 
 REMASKING = ("low_confidence", "random")
 
@@ -172,10 +173,11 @@ class DenseCache:
     whole sequence runs and fills the cache; other steps run only the block (``dual``) or the
     block and everything after it (``prefix``) against the cached rows."""
 
-    def __init__(self, dual: bool = True, refresh_every: int | None = None):
+    def __init__(self, dual: bool = True, refresh_every: int | None = None, cuda_graphs: bool = True):
         if refresh_every is not None and refresh_every < 1:
             raise ValueError(f"refresh_every={refresh_every} must be >= 1 (or None: once per block)")
         self.dual, self.refresh_every = dual, refresh_every
+        self.cuda_graphs, self.graph = cuda_graphs, None  # replay cached steps from a CUDA graph
         self.name = "dual" if dual else "prefix"
         self.stats: dict = {}
 
@@ -188,9 +190,18 @@ class DenseCache:
         refresh = step == 0 or (self.refresh_every is not None and step % self.refresh_every == 0)
         q0 = 0 if refresh else start - shift  # first row this forward runs
         q1 = x.shape[1] if (refresh or not self.dual) else end
-        self.cache.window(q0)
-        return model(x[:, q0:q1], b.pos[:, q0:q1], cache=self.cache,
-                     logits_slice=slice(start - shift - q0, end - shift - q0))
+        if not refresh and self.graph is not None and self.graph.key == (q0, q1, start, end):
+            return self.graph(x[:, q0:q1])
+
+        def step(tokens):
+            self.cache.window(q0)
+            return model(tokens, b.pos[:, q0:q1], cache=self.cache,
+                         logits_slice=slice(start - shift - q0, end - shift - q0))
+
+        if not refresh and self.cuda_graphs and graphs_available(x.device):
+            self.graph = StepGraph(step, x[:, q0:q1], key=(q0, q1, start, end))
+            return self.graph(x[:, q0:q1])
+        return step(x[:, q0:q1])
 
 
 def make_method(method, **kwargs):

@@ -1,0 +1,39 @@
+"""CUDA graphs for decode steps, kept plain (gpt-fast style).
+
+Within a block every step runs the same forward on the same shapes, only the token values change,
+so the step can be captured once and replayed: a step then costs its GPU time instead of the
+Python and launch overhead of ~1000 small kernels. The capture (one warm-up run plus the
+recording) is paid at the second step of each block and counted in every timing we report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepGraph:
+    """``fn(idx) -> logits`` captured for one input shape; ``graph(idx)`` replays it.
+
+    ``fn`` must read everything else (positions, caches, index tables) from tensors whose storage
+    stays put while the graph is used; the returned logits tensor is overwritten by the next replay.
+    """
+
+    def __init__(self, fn, idx: torch.Tensor, key):
+        self.key, self.idx = key, idx.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS picks kernels
+            fn(self.idx)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.idx)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        self.idx.copy_(idx)
+        self.graph.replay()
+        return self.out
+
+
+def graphs_available(device: torch.device) -> bool:
+    return device.type == "cuda"
