@@ -11,6 +11,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

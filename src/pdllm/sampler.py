@@ -289,6 +289,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
             if config.cfg_scale > 0:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+            logits[..., mask_id] = float("-inf")  # never "decode" a position back to [MASK]: no progress, no end
             x0 = add_gumbel_noise(logits, config.temperature).argmax(dim=-1)  # (B, L)
             if config.remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
