@@ -267,6 +267,8 @@ def main(argv=None) -> int:
                                          "num_warps", "num_stages", "num_splits", "heads", "rep_ms")}
     results = {k: [] for k in kernels}
     start = time.time()
+    if path.exists():
+        load_config_file(path)  # a bad file fails now, not after the sweep
     buckets = list(itertools.product(dtypes, _ints(args.head_dims), _ints(args.groups), _ints(args.q_rows),
                                      _ints(args.kv_lens)))
     print(f"tuning {len(buckets)} buckets x {kernels} on {env['device']} -> {path}", flush=True)
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
         del problem
         if device == "cuda":
             torch.cuda.empty_cache()
-    write_table(path, env, results, grid)
+        write_table(path, env, results, grid)  # after every bucket: an interrupted sweep keeps its results
     print(f"wrote {path} ({sum(len(v) for v in results.values())} entries, {time.time() - start:.0f} s)")
     return 0
 

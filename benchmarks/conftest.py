@@ -95,13 +95,17 @@ def pytest_terminal_summary(terminalreporter):
         f"triton {CEILINGS.get('triton')}, driver {CEILINGS.get('driver')}"
     )
     others = ["sdpa_gather", "flex", "sdpa_dense"]
-    tr.write_line(f"{'shape':<22}{'pdllm us':>10}{'GB/s':>8}{'% copy':>8}" + "".join(f"{o + ' x':>15}" for o in others))
-    for group, impls in RESULTS.items():
-        ours = impls.get("pdllm")
-        if ours is None:
-            continue
-        line = f"{group:<22}{ours['time_us']:>10.1f}{ours['gbps']:>8.0f}{ours['pct_copy_bw']:>8.1f}"
-        for o in others:
-            line += f"{impls[o]['time_us'] / ours['time_us']:>15.2f}" if o in impls else f"{'-':>15}"
-        tr.write_line(line)
+    for key, label in (("time_us", "do_bench, L2 flushed"), ("time_us_rotating", "CUDA graph, rotating layers, no flush")):
+        pct = "pct_copy_bw" if key == "time_us" else "pct_copy_bw_rotating"
+        gb = "gbps" if key == "time_us" else "gbps_rotating"
+        tr.write_line(f"-- timing: {label}")
+        tr.write_line(f"{'shape':<14}{'pdllm us':>10}{'GB/s':>8}{'% copy':>8}" + "".join(f"{o + ' x':>15}" for o in others))
+        for group, impls in RESULTS.items():
+            ours = impls.get("pdllm")
+            if ours is None:
+                continue
+            line = f"{group:<14}{ours[key]:>10.1f}{ours[gb]:>8.0f}{ours[pct]:>8.1f}"
+            for o in others:
+                line += f"{impls[o][key] / ours[key]:>15.2f}" if o in impls else f"{'-':>15}"
+            tr.write_line(line)
     tr.write_line("'<impl> x': that implementation's time over pdllm's (> 1: pdllm is faster)")

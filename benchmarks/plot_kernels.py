@@ -35,29 +35,33 @@ def plot(path, out=None):
         raise SystemExit(f"{path}: no benchmark with extra_info.time_us")
     info = rows[0]
     gpu = data.get("machine_info", {}).get("gpu") or {}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(20, 5.5))
     width = 0.8 / len(IMPLS)
+    copy = info["copy_gbps"]
+    panels = [(ax2, "gbps", "pct_copy_bw", "do_bench (L2 flushed)"),
+              (ax3, "gbps_rotating", "pct_copy_bw_rotating", "CUDA graph, rotating layers")]
     for i, impl in enumerate(IMPLS):
-        xs = [j + (i - 1.5) * width for j, s in enumerate(shapes) if (s, impl) in table]
-        ys = [table[(s, impl)]["time_us"] for s in shapes if (s, impl) in table]
-        ax1.bar(xs, ys, width, label=impl, color=COLORS[impl])
-        gb = [table[(s, impl)]["gbps"] for s in shapes if (s, impl) in table]
-        ax2.bar(xs, gb, width, label=impl, color=COLORS[impl])
-    for ax in (ax1, ax2):
+        present = [(j, s) for j, s in enumerate(shapes) if (s, impl) in table]
+        xs = [j + (i - 1.5) * width for j, _ in present]
+        ax1.bar(xs, [table[(s, impl)]["time_us"] for _, s in present], width, label=impl, color=COLORS[impl])
+        for ax, gb, _, _ in panels:
+            ax.bar(xs, [table[(s, impl)].get(gb, 0) for _, s in present], width, label=impl, color=COLORS[impl])
+    for ax in (ax1, ax2, ax3):
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, rotation=30)
     ax1.set_yscale("log")
     ax1.set_ylabel("time, us (do_bench median, log scale)")
     ax1.legend()
-    copy = info["copy_gbps"]
-    ax2.axhline(copy, color="k", ls="--", lw=1, label=f"copy {copy:.0f} GB/s")
-    ax2.axhline(0.7 * copy, color="k", ls=":", lw=1, label="70% of copy")
-    for j, s in enumerate(shapes):
-        if (s, "pdllm") in table:
-            r = table[(s, "pdllm")]
-            ax2.annotate(f"{r['pct_copy_bw']:.0f}%", (j - 1.5 * width, r["gbps"]), ha="center", va="bottom", fontsize=8)
-    ax2.set_ylabel("GB/s of the needed bytes (selected K/V + q + out)")
-    ax2.legend(fontsize=8)
+    for ax, gb, pct, title in panels:
+        ax.axhline(copy, color="k", ls="--", lw=1, label=f"copy {copy:.0f} GB/s")
+        ax.axhline(0.7 * copy, color="k", ls=":", lw=1, label="70% of copy")
+        for j, s in enumerate(shapes):
+            r = table.get((s, "pdllm"))
+            if r and gb in r:
+                ax.annotate(f"{r[pct]:.0f}%", (j - 1.5 * width, r[gb]), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("GB/s of the needed bytes (selected K/V + q + out)")
+        ax.legend(fontsize=8)
     fig.suptitle(
         f"chunk attention, {info['heads']} q heads / {info['kv_heads']} kv heads, D={info['head_dim']}, "
         f"Tq={info['q_rows']}, {info['dtype']} on {info.get('device')} "

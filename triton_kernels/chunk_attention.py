@@ -85,12 +85,19 @@ def _chunk_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # The index of the next tile is loaded one iteration ahead, so the K/V addresses of a tile
+    # are known without waiting on a load in the same iteration: Triton's software pipeliner
+    # then multi-buffers K and V (num_stages - 1 tiles in flight) instead of spending one stage
+    # on the index -> K dependency. Masked lanes never touch memory, so padding entries past
+    # kv_len (garbage, -1, huge) are never dereferenced.
+    offs_first = lo + tl.arange(0, BLOCK_N)
+    idx_next = tl.load(idx_base + offs_first * stride_il, mask=offs_first < hi, other=0)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
-        # Read the pool rows of this tile through the index; masked lanes never touch memory,
-        # so padding entries past kv_len (garbage, -1, huge) are never dereferenced.
-        idx = tl.load(idx_base + offs_n * stride_il, mask=key_valid, other=0).to(tl.int64)
+        idx = idx_next.to(tl.int64)
+        offs_after = offs_n + BLOCK_N
+        idx_next = tl.load(idx_base + offs_after * stride_il, mask=offs_after < hi, other=0)
         k = tl.load(k_base + idx[:, None] * stride_kp + offs_d[None, :] * stride_kd, mask=key_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(key_valid[None, :], s, float("-inf"))
