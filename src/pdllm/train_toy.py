@@ -1,0 +1,505 @@
+"""Train pdllm's toy LLaDA-format model on synthetic long-context retrieval.
+
+No real LLaDA weights are available here, so pdllm ships its own small masked-diffusion model,
+in the LLaDA checkpoint format, to measure what sparse prefill does to *answers*. This script
+trains it from scratch in a few minutes on one GPU:
+
+    python -m pdllm.train_toy --out runs/toy --device cuda     (or: pdllm train-toy ...)
+    python -m pdllm.train_toy --out /tmp/toy --smoke           (a few CPU steps, for tests)
+
+Data: the three tasks of :mod:`pdllm.data.synthetic` (passkey, multi-key needle, kv lookup),
+mixed, at random depths, generated on the fly in DataLoader workers from the seed. Each example
+is the chat prompt of :mod:`pdllm.tokenizer` (prefix + plain context + query; no per-chunk BOS)
+followed by an answer region of ``answer_length`` tokens: the answer's digits, then EOS padding.
+
+Objective, as LLaDA's SFT: prompt tokens are never masked; per sequence t ~ U(0, 1), each
+answer-region token is masked with probability p = (1 - eps) t + eps; the loss is the
+cross-entropy on masked tokens weighted by 1/p, summed per sequence, divided by the answer
+region's length, averaged over the batch.
+
+Curriculum: the context length of a batch is drawn from [min_context, L(step)], where L grows
+linearly from min_context to max_context over the first half of training (half of the batches
+use L(step) itself); the number of sequences per batch keeps the tokens per batch constant.
+max_context defaults to 16 chunks of the toy chunk size (16 x 64 = 1024 tokens).
+
+At the end: a bf16 checkpoint (config.json with LLaDA names, model.safetensors with LLaDA keys,
+tokenizer.json), reloaded with ``from_pretrained`` and evaluated by greedy masked-diffusion
+decoding (``pdllm.sampler.generate``, dense ``vanilla`` method) on held-out examples of every task
+at the longest length, over a grid of depths; results go to eval.json and the model card
+README.md. Data and initialisation are reproducible from ``--seed``; CUDA kernels may add
+run-to-run noise of the last bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pdllm.data.synthetic import TASKS, make_example, make_grid, piece_encoder
+from pdllm.data.toy_tokenizer import build_toy_tokenizer
+from pdllm.data.toy_tokenizer import save as save_tokenizer
+from pdllm.model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from pdllm.tokenizer import Tokenizer
+
+MASK_EPS = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
+
+
+@dataclass
+class TrainConfig:
+    # model
+    d_model: int = 384
+    n_layers: int = 6
+    n_heads: int = 6
+    mlp_hidden: int = 1024
+    rope_theta: float = 10000.0
+    # data
+    tasks: str = ",".join(TASKS)  # comma-separated subset of pdllm.data.synthetic.TASKS, mixed uniformly
+    chunk_size: int = 64  # the toy chunk size Prefilling-dLLM runs with on this model
+    min_context: int = 64
+    max_context: int = 1024  # >= 16 chunks
+    answer_length: int = 32  # answer digits + EOS padding (= the default gen_length of the evals)
+    tokens_per_batch: int = 65536
+    # optimisation
+    steps: int = 3000
+    lr: float = 8e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 150
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # evaluation
+    eval_n: int = 100  # held-out examples per task at each eval length
+    eval_lengths: tuple[int, ...] = ()  # default: (max_context,)
+    eval_batch: int = 50
+    eval_steps: int = 0  # denoising steps for the answer region; 0: one token per step
+    # runtime
+    workers: int = -1  # DataLoader workers; -1: min(8, cpus - 1)
+    max_train_minutes: float = 7.0  # safety stop: end training early (and say so) past this
+    log_every: int = 50
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
+        return tasks
+
+
+SMOKE = dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, min_context=32, max_context=96,
+             answer_length=8, tokens_per_batch=1024, steps=6, warmup=2, eval_n=5, eval_batch=5, eval_steps=2,
+             workers=0, log_every=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: one batch per step, made from (seed, step) alone
+# ---------------------------------------------------------------------------------------------
+
+
+def context_length_for_step(cfg: TrainConfig, step: int, rng: random.Random) -> int:
+    """The curriculum: draw the batch's context length given the step."""
+    frac = min(1.0, step / max(1, 0.5 * cfg.steps))
+    hi = int(cfg.min_context + frac * (cfg.max_context - cfg.min_context))
+    return hi if rng.random() < 0.5 else rng.randint(cfg.min_context, max(cfg.min_context, hi))
+
+
+def task_kwargs(task: str, rng: random.Random, context: int) -> dict:
+    """Vary the task parameters a little, so the model learns the tasks, not one instance.
+    Short contexts get fewer multi-key needles (each is ~18 tokens), so they stay mostly haystack."""
+    if task == "passkey":
+        return {"passkey_digits": rng.choice((4, 5, 5, 6))}
+    if task == "multikey_needle":
+        most = max(1, min(9, context // 48))
+        n = rng.randint(1, min(6, most))
+        return {"num_needles": n, "num_distractors": rng.randint(0, min(3, most - n))}
+    return {"key_style": "uuid" if rng.random() < 0.25 else "words", "value_digits": rng.choice((5, 6, 6, 7))}
+
+
+class PromptBuilder:
+    """Token ids of ``prefix + context + query + answer region`` through pdllm.tokenizer's template.
+
+    The prefix and query come from ``Tokenizer.long_context_prompt`` itself (with a stand-in
+    context), the context ids from the example, which equal the tokenizer's encoding of its text.
+    """
+
+    def __init__(self, tok: Tokenizer, answer_length: int):
+        self.tok, self.answer_length = tok, answer_length
+        self._query_cache: dict[str, list[int]] = {}
+        self.prefix = tok.long_context_prompt(".", "?").prefix
+
+    def query(self, question: str) -> list[int]:
+        q = self._query_cache.get(question)
+        if q is None:
+            if len(self._query_cache) > 50_000:
+                self._query_cache.clear()
+            p = self.tok.long_context_prompt(".", question)
+            assert p.prefix == self.prefix, "the prompt prefix must not depend on the question"
+            q = self._query_cache[question] = p.query
+        return q
+
+    def answer(self, answer: str) -> list[int]:
+        ids = self.tok.encode(answer)
+        if len(ids) > self.answer_length:
+            raise ValueError(f"answer {answer!r} has {len(ids)} tokens > answer_length={self.answer_length}")
+        return ids + [self.tok.eos_id] * (self.answer_length - len(ids))
+
+    def prompt(self, ex) -> list[int]:
+        return self.prefix + list(ex.context_ids) + self.query(ex.question)
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Yields the training batch of every step in order; worker w makes the steps s = w mod W.
+
+    A batch: idx (B, T) left-padded with EOS and with masked answer tokens, pos (B, T),
+    valid (B, T) bool (False on padding), target (B, A), masked (B, A) bool, p_mask (B,).
+    """
+
+    def __init__(self, cfg: TrainConfig, tokenizer_json: str):
+        self.cfg, self.tokenizer_json = cfg, tokenizer_json
+
+    def __iter__(self):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        tok = Tokenizer(HFTokenizer.from_str(self.tokenizer_json))
+        builder, enc = PromptBuilder(tok, self.cfg.answer_length), piece_encoder(tok.tk)
+        for step in range(wid, self.cfg.steps, nw):
+            yield make_train_batch(self.cfg, step, builder, enc)
+
+
+def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -> dict:
+    rng = random.Random(f"train:{cfg.seed}:{step}")
+    L = context_length_for_step(cfg, step, rng)
+    overhead = len(builder.prefix) + 32 + cfg.answer_length
+    B = max(1, cfg.tokens_per_batch // (L + overhead))
+    rows, answers = [], []
+    tasks = cfg.task_list
+    for i in range(B):
+        task = tasks[rng.randrange(len(tasks))]
+        ex = make_example(task, L, None, f"train.{cfg.seed}.{step}.{i}", enc, **task_kwargs(task, rng, L))
+        rows.append(builder.prompt(ex))
+        answers.append(builder.answer(ex.answer))
+    A, P = cfg.answer_length, max(map(len, rows))
+    T = P + A
+    idx = torch.full((B, T), builder.tok.eos_id, dtype=torch.long)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        idx[b, P - len(r): P] = torch.tensor(r)
+        valid[b, : P - len(r)] = False
+    target = torch.tensor(answers, dtype=torch.long)
+    g = torch.Generator().manual_seed(rng.getrandbits(63))
+    t = torch.rand(B, generator=g)
+    p_mask = (1 - MASK_EPS) * t + MASK_EPS
+    masked = torch.rand(B, A, generator=g) < p_mask[:, None]
+    idx[:, P:] = torch.where(masked, builder.tok.mask_id, target)
+    pos = (valid.cumsum(dim=1) - 1).clamp_min(0)
+    return {"idx": idx, "pos": pos, "valid": valid, "target": target, "masked": masked, "p_mask": p_mask,
+            "context": torch.tensor(L)}
+
+
+def diffusion_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's SFT loss on the answer region, and the accuracy on the masked tokens."""
+    idx, pos, valid = batch["idx"], batch["pos"], batch["valid"]
+    target, masked, p_mask = batch["target"], batch["masked"], batch["p_mask"]
+    A = target.shape[1]
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    logits = model(idx, pos, mask=mask, logits_slice=slice(idx.shape[1] - A, None)).float()  # (B, A, V)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
+    loss = ((ce * masked) / p_mask[:, None]).sum(dim=1) / A
+    with torch.no_grad():
+        hit = ((logits.argmax(-1) == target) & masked).sum() / masked.sum().clamp_min(1)
+    return loss.mean(), hit
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: dense greedy masked-diffusion decoding on held-out examples
+# ---------------------------------------------------------------------------------------------
+
+EVAL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@torch.no_grad()
+def evaluate(model, tok: Tokenizer, cfg: TrainConfig, lengths, device) -> dict:
+    """Exact-match accuracy per task and length (and per depth), vanilla dense decoding."""
+    from pdllm.sampler import GenerationConfig, generate
+
+    gen = GenerationConfig(gen_length=cfg.answer_length, block_length=cfg.answer_length,
+                           steps=cfg.eval_steps or cfg.answer_length, temperature=0.0, remasking="low_confidence")
+    per_cell = max(1, cfg.eval_n // len(EVAL_DEPTHS))
+    results: dict = {"generation": asdict(gen), "method": "vanilla", "examples_per_task_and_length":
+                     per_cell * len(EVAL_DEPTHS), "tasks": {}}
+    for task in cfg.task_list:
+        for L in lengths:
+            grid = make_grid(task, [L], EVAL_DEPTHS, per_cell, seed=f"heldout-{cfg.seed}", tokenizer=tok.tk)
+            exs = [e for cell in grid.values() for e in cell]
+            correct: list[bool] = []
+            for i in range(0, len(exs), cfg.eval_batch):
+                part = exs[i: i + cfg.eval_batch]
+                prompts = [tok.long_context_prompt(e.context, e.question) for e in part]
+                out = generate(model, prompts, gen, method="vanilla", pad_id=tok.eos_id)
+                for e, ids in zip(part, out.tokens.tolist()):
+                    correct.append(tok.decode(ids).strip() == e.answer)
+            by_depth = {str(d): sum(c for c, e in zip(correct, exs) if e.depth == d) / per_cell for d in EVAL_DEPTHS}
+            results["tasks"].setdefault(task, {})[str(L)] = {
+                "accuracy": sum(correct) / len(correct), "n": len(correct), "by_depth": by_depth}
+            print(f"eval {task:16s} L={L:5d}  acc={sum(correct) / len(correct):.3f}  by depth {by_depth}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------
+
+
+def write_model_card(out: Path, cfg: TrainConfig, mcfg: ModelConfig, info: dict, results: dict):
+    n_params = info["n_params"]
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    lengths = sorted({L for t in results["tasks"].values() for L in t}, key=int)
+    rows = []
+    for task, by_len in results["tasks"].items():
+        rows.append(f"| {task} | " + " | ".join(f"{by_len[L]['accuracy']:.3f}" for L in lengths) + " |")
+    depth_rows = []
+    for task, by_len in results["tasks"].items():
+        r = by_len[lengths[-1]]["by_depth"]
+        depth_rows.append(f"| {task} | " + " | ".join(f"{r[str(d)]:.2f}" for d in EVAL_DEPTHS) + " |")
+    card = f"""# pdllm toy LLaDA-format model
+
+A small masked-diffusion language model in the **LLaDA checkpoint format** (config.json with
+LLaDA/OLMo names, model.safetensors with HF LLaDA keys, tokenizer.json with LLaDA's special
+tokens), trained from scratch by `pdllm.train_toy` on synthetic long-context retrieval. It is
+**not** LLaDA-8B and knows no language beyond its synthetic tasks: it exists so that pdllm can
+measure what sparse prefill (Prefilling-dLLM) does to answers without downloading real weights.
+
+## Model
+| | |
+|---|---|
+| architecture | bidirectional pre-norm transformer, RMSNorm, RoPE (theta {mcfg.rope_theta:g}), SiLU-gated MLP, no biases, untied head |
+| d_model / layers / heads / head_dim | {mcfg.d_model} / {mcfg.n_layers} / {mcfg.n_heads} / {mcfg.head_dim} |
+| MLP hidden | {mcfg.mlp_hidden} |
+| vocabulary | {mcfg.vocab_size} (byte-level BPE, digits split; mask id {mcfg.mask_id}, BOS {mcfg.bos_id}, EOS/pad {mcfg.eos_id}) |
+| parameters | {n_params / 1e6:.2f} M |
+| file | model.safetensors, bf16, {size_mb:.1f} MB |
+| trained sequence length | {mcfg.max_positions} positions (contexts up to {cfg.max_context} tokens = {cfg.max_context // cfg.chunk_size} chunks of {cfg.chunk_size}) |
+
+## Data
+Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded); tasks
+{', '.join(cfg.task_list)}, mixed uniformly; needle depth uniform in [0, 1]. The tasks:
+- `passkey`: "The pass key is NNNNN. Remember it. NNNNN is the pass key." in generated prose (4-6 digits).
+- `multikey_needle`: 1-6 needles "One of the special magic numbers for <adj-noun> is: NNNNNNN." plus
+  0-3 distractors whose key shares a word with the asked key.
+- `kv_lookup`: lines "<key>: <value>" (word-pair keys, or 25% uuid-like keys), 5-7 digit values.
+
+Prompt: the LLaDA chat template of `pdllm.tokenizer` (`long_context_prompt`: instruction, plain
+context without per-chunk BOS, question), then an answer region of {cfg.answer_length} tokens (the
+answer's digits, then `<|endoftext|>` padding). Context length curriculum from {cfg.min_context} to
+{cfg.max_context} tokens over the first half of training; {cfg.tokens_per_batch} tokens per batch.
+
+## Training
+LLaDA SFT objective (prompt never masked; t ~ U(0,1) per sequence; answer tokens masked with
+probability t; cross-entropy on masked tokens weighted by 1/t, per sequence over the answer
+length, batch mean). AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr},
+{cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio:g} x, gradient clip {cfg.grad_clip},
+bf16 autocast on CUDA.
+
+- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps} planned: time limit)" if info['steps_done'] < cfg.steps else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
+- final training loss (last 10% of steps): {info['final_loss']:.4f}; accuracy on masked answer tokens {info['final_masked_acc']:.3f}
+- wall time: {info['train_seconds'] / 60:.1f} min training, {info['total_seconds'] / 60:.1f} min in all, on {info['device_name']}
+- torch {torch.__version__}, Python {platform.python_version()}
+- command: `{info['command']}`
+
+## Dense accuracy (held-out)
+Exact match of the decoded answer, greedy masked-diffusion decoding with the `vanilla` (dense)
+method of `pdllm.sampler`: gen_length = block_length = {cfg.answer_length}, steps =
+{results['generation']['steps']}, temperature 0, low-confidence remasking. {results['examples_per_task_and_length']} held-out examples per task and
+length (seed `heldout-{cfg.seed}`), spread evenly over depths {', '.join(map(str, EVAL_DEPTHS))}.
+
+| task | {' | '.join(f'L={L}' for L in lengths)} |
+|---|{'---|' * len(lengths)}
+{chr(10).join(rows)}
+
+By depth at L={lengths[-1]}:
+
+| task | {' | '.join(f'depth {d}' for d in EVAL_DEPTHS)} |
+|---|{'---|' * len(EVAL_DEPTHS)}
+{chr(10).join(depth_rows)}
+
+## Use
+```python
+from pdllm.model import from_pretrained
+from pdllm.tokenizer import Tokenizer
+from pdllm.sampler import GenerationConfig, generate
+model, tok = from_pretrained("{out.name}"), Tokenizer.from_dir("{out.name}")
+prompt = tok.long_context_prompt(context, "What is the pass key?")
+out = generate(model, [prompt], GenerationConfig(gen_length={cfg.answer_length}, block_length={cfg.answer_length}, steps={cfg.answer_length}))
+print(tok.decode(out.tokens[0]))
+```
+Special tokens have LLaDA's strings at small ids (look them up by string). Chunk the context in
+{cfg.chunk_size}-token chunks for Prefilling-dLLM; the model never saw per-chunk BOS tokens.
+"""
+    (out / "README.md").write_text(card)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
+    ap = argparse.ArgumentParser(prog="pdllm train-toy", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model for a few CPU steps (tests)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; smoke: cpu)")
+    fields = TrainConfig.__dataclass_fields__
+    for name, f in fields.items():
+        if name == "eval_lengths":
+            ap.add_argument("--eval-lengths", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=None,
+                            help="comma-separated context lengths to evaluate (default: max_context)")
+            continue
+        ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"default {f.default} (smoke: {SMOKE.get(name, f.default)})")
+    args = ap.parse_args(argv)
+    values = {**(SMOKE if args.smoke else {})}
+    values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    cfg = TrainConfig(**values)
+    if cfg.max_context < cfg.min_context or cfg.min_context < 16:
+        ap.error("need 16 <= min_context <= max_context")
+    if cfg.d_model % cfg.n_heads:
+        ap.error("d_model must be divisible by n_heads")
+    try:
+        cfg.task_list
+    except ValueError as e:
+        ap.error(str(e))
+    return args, cfg
+
+
+def main(argv=None) -> int:
+    args, cfg = parse_args(argv)
+    t_start = time.time()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tok = Tokenizer(build_toy_tokenizer(seed=0))
+    builder = PromptBuilder(tok, cfg.answer_length)
+    longest_query = max(len(builder.query(q)) for q in (
+        "What is the pass key?", "What is the special magic number for wandering-meadowlark-meadowlark?",
+        "What is the value of the key wandering-meadowlark-meadowlark?", "What is the value of the key ffffffff-ffff?"))
+    max_seq = len(builder.prefix) + cfg.max_context + 24 + longest_query + cfg.answer_length
+    mcfg = ModelConfig(arch="llada", vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                       n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, mlp_hidden=cfg.mlp_hidden,
+                       rope_theta=cfg.rope_theta, max_positions=64 * math.ceil(max_seq / 64),
+                       mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: d={mcfg.d_model} layers={mcfg.n_layers} heads={mcfg.n_heads} mlp={mcfg.mlp_hidden} "
+          f"vocab={mcfg.vocab_size} params={n_params / 1e6:.2f}M max_positions={mcfg.max_positions}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if cuda else {}))
+
+    workers = cfg.workers if cfg.workers >= 0 else max(0, min(8, (os.cpu_count() or 2) - 1))
+    loader = torch.utils.data.DataLoader(
+        StepBatches(cfg, tok.tk.to_str()), batch_size=None, num_workers=workers, pin_memory=cuda,
+        **({"prefetch_factor": 4, "persistent_workers": False} if workers else {}))
+
+    log, tokens_seen = [], 0
+    run_loss, run_acc, run_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    t_train = time.time()
+    model.train()
+    stopped_at = None
+    for step, batch in enumerate(loader):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, acc = diffusion_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        tokens_seen += batch["idx"].numel()
+        run_loss += loss.detach()
+        run_acc += acc
+        run_n += 1
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:  # means since the last line
+            lv, av = run_loss.item() / run_n, run_acc.item() / run_n
+            run_loss.zero_(), run_acc.zero_()
+            run_n = 0
+            el = time.time() - t_train
+            eta = el / (step + 1) * (cfg.steps - step - 1)
+            rec = {"step": step, "loss": lv, "masked_acc": av, "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
+                   "context": int(batch["context"]), "batch": batch["idx"].shape[0], "elapsed_s": el}
+            log.append(rec)
+            print(f"step {step:5d}/{cfg.steps}  L={rec['context']:5d} B={rec['batch']:4d}  loss {lv:.4f}  "
+                  f"masked acc {av:.3f}  lr {rec['lr']:.2e}  |g| {rec['grad_norm']:.2f}  "
+                  f"{tokens_seen / max(el, 1e-9) / 1e3:.0f}K tok/s  eta {eta / 60:.1f} min", flush=True)
+        if step < cfg.steps - 1 and time.time() - t_train > 60 * cfg.max_train_minutes:
+            stopped_at = step + 1
+            print(f"WARNING: stopping after {stopped_at} of {cfg.steps} steps: past --max-train-minutes "
+                  f"{cfg.max_train_minutes} (the learning rate did not finish its decay)", flush=True)
+            break
+    del loader
+    train_seconds = time.time() - t_train
+
+    # save in bf16, with the tokenizer, then evaluate the saved checkpoint itself
+    model.eval()
+    save_model = Transformer(mcfg)
+    save_model.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    save_pretrained(save_model.to(torch.bfloat16), out)
+    save_tokenizer(out, tok.tk)
+    del model, save_model, opt
+    eval_dtype = torch.bfloat16 if cuda else torch.float32
+    loaded = from_pretrained(out, dtype=eval_dtype, device=device)
+    lengths = cfg.eval_lengths or (cfg.max_context,)
+    results = evaluate(loaded, Tokenizer.from_dir(out), cfg, lengths, device)
+
+    done = stopped_at or cfg.steps
+    tail = [r for r in log if r["step"] >= 0.9 * done - 1] or log[-1:]
+    info = {"n_params": n_params, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+            "steps_done": stopped_at or cfg.steps,
+            "total_seconds": time.time() - t_start, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "final_masked_acc": sum(r["masked_acc"] for r in tail) / len(tail),
+            "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'cpu'})",
+            "command": "python -m pdllm.train_toy " + " ".join(shlex.quote(a) for a in
+                                                               (sys.argv[1:] if argv is None else argv))}
+    (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "model": asdict(mcfg), "info": info,
+                                                    "log": log}, indent=1) + "\n")
+    (out / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_model_card(out, cfg, mcfg, info, results)
+    print(f"wrote {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB) in "
+          f"{info['total_seconds'] / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
