@@ -19,8 +19,8 @@ def tok():
     return Tokenizer(build_toy_tokenizer())
 
 
-def _batch(tok, step=3, seed=0):
-    cfg = TrainConfig(**{**SMOKE, "seed": seed})
+def _batch(tok, step=3, seed=0, **kw):
+    cfg = TrainConfig(**{**SMOKE, "seed": seed, **kw})
     builder = PromptBuilder(tok, cfg.answer_length)
     return cfg, builder, make_train_batch(cfg, step, builder, piece_encoder(tok.tk))
 
@@ -32,9 +32,9 @@ def test_batches_reproducible_and_prompt_never_masked(tok):
     assert not torch.equal(b["idx"], _batch(tok, seed=1)[2]["idx"])
     A = cfg.answer_length
     assert (b["idx"][:, :-A] != tok.mask_id).all()  # prompt: never masked
-    region = b["idx"][:, -A:]
-    assert torch.equal(region == tok.mask_id, b["masked"])
-    assert torch.equal(torch.where(b["masked"], b["target"], region), b["target"])
+    assert torch.equal(b["idx"] == tok.mask_id, b["masked"])
+    assert torch.equal(torch.where(b["masked"], b["target"], b["idx"]), b["target"])
+    assert (b["n_maskable"] == A).all()
     # left padding is masked out of attention and does not shift positions
     for row_valid, row_pos, row_idx in zip(b["valid"], b["pos"], b["idx"]):
         n_pad = int((~row_valid).sum())
@@ -42,12 +42,21 @@ def test_batches_reproducible_and_prompt_never_masked(tok):
         assert row_pos[n_pad:].tolist() == list(range(row_valid.numel() - n_pad))
         assert row_idx[n_pad] == tok.bos_id
     # the answer region: digits then EOS padding
-    text = tok.decode(b["target"][0].tolist())
+    text = tok.decode(b["target"][0, -A:].tolist())
     assert text.isdigit() and b["target"][0, -1] == tok.eos_id
 
 
-def test_loss_is_llada_sft_weighting(tok):
-    cfg, builder, b = _batch(tok)
+def test_pretrain_rows_mask_the_whole_sequence(tok):
+    cfg, _, b = _batch(tok, pretrain_frac=1.0)
+    A = cfg.answer_length
+    assert b["masked"][:, :-A].any()  # prompt tokens masked too
+    assert not (b["masked"] & ~b["valid"]).any()  # never padding
+    assert torch.equal(b["n_maskable"], b["valid"].sum(1))
+
+
+@pytest.mark.parametrize("pretrain_frac", [0.0, 0.5])
+def test_loss_is_llada_weighting(tok, pretrain_frac):
+    cfg, builder, b = _batch(tok, pretrain_frac=pretrain_frac)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=64,
                        mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     torch.manual_seed(0)
@@ -57,9 +66,10 @@ def test_loss_is_llada_sft_weighting(tok):
     A, total = cfg.answer_length, 0.0
     for i in range(b["idx"].shape[0]):
         keep = b["valid"][i]
-        logits = model(b["idx"][i, keep][None], b["pos"][i, keep][None])[0, -A:]
-        ce = torch.nn.functional.cross_entropy(logits, b["target"][i], reduction="none")
-        total += (ce[b["masked"][i]] / b["p_mask"][i]).sum() / A
+        logits = model(b["idx"][i, keep][None], b["pos"][i, keep][None])[0]
+        ce = torch.nn.functional.cross_entropy(logits, b["target"][i, keep], reduction="none")
+        n = A if pretrain_frac == 0 else int(b["n_maskable"][i])
+        total += (ce[b["masked"][i, keep]] / b["p_mask"][i]).sum() / n
     torch.testing.assert_close(loss, total / b["idx"].shape[0], rtol=1e-4, atol=1e-4)
 
 
