@@ -233,7 +233,10 @@ def write_table(path: Path, env: dict, results: dict, grid: dict):
     """Merge new entries into the file (same bucket: replaced), keep it sorted, write atomically."""
     data = load_config_file(path) if path.exists() else {}
     data.update(env)
-    data["grid"] = grid
+    grids = data.get("grid") if isinstance(data.get("grid"), dict) else {}
+    for kernel in results:  # the sweep's arguments, per kernel (tuned in separate runs, maybe)
+        grids[kernel] = grid
+    data["grid"] = grids
     for kernel, entries in results.items():
         old = [e for e in data.get(kernel, []) if not any(_same_bucket(e["bucket"], n["bucket"]) for n in entries)]
         merged = old + entries

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdllm.triton_kernels.chunk_attention import LOG2E, _check_inputs
+from pdllm.triton_kernels.chunk_attention import LOG2E, _check_inputs, cdiv, next_pow2
 
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
@@ -103,8 +103,8 @@ def key_attention_mass(q, k_pool, kv_index, kv_len, lse, scale=None, config=None
     cfg = dict(get_config("key_attention_mass", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
     if config:
         cfg.update(config)
-    block_m = max(16, min(64, triton.next_power_of_2(Tq)))
-    grid = (triton.cdiv(L, cfg["BLOCK_N"]), B * Hkv)
+    block_m = max(16, min(64, next_pow2(Tq)))
+    grid = (cdiv(L, cfg["BLOCK_N"]), B * Hkv)
     _key_attention_mass[grid](
         q, k_pool, kv_index, kv_len, lse, mass,
         scale * LOG2E,

@@ -37,6 +37,16 @@ LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Host-side arithmetic in plain Python: triton.cdiv is a @jit function, and calling it from
+# Python costs microseconds per call on the launch path.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
 @triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_ls", "stride_lb", "stride_lh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, O, LSE,
@@ -202,7 +212,7 @@ def _check_inputs(q, k_pool, v_pool, kv_index, kv_len, v_name="v_pool"):
 
 def block_m_for(rows: int) -> int:
     """Query rows per program: the group's rows rounded up to a power of two, 16 to 128."""
-    return max(16, min(128, triton.next_power_of_2(max(rows, 1))))
+    return max(16, min(128, next_pow2(max(rows, 1))))
 
 
 def num_sms(device: torch.device) -> int:
@@ -215,9 +225,9 @@ def default_num_splits(base_programs: int, L: int, block_n: int, sms: int) -> in
     """Splits so that the launch has about two programs per SM, but each split keeps at least
     four key tiles (shorter loops spend their time in the pipeline's prologue) and never more
     splits than tiles."""
-    tiles = triton.cdiv(max(L, 1), block_n)
-    want = triton.cdiv(2 * sms, max(base_programs, 1))
-    return max(1, min(want, triton.cdiv(tiles, 4), 64))
+    tiles = cdiv(max(L, 1), block_n)
+    want = cdiv(2 * sms, max(base_programs, 1))
+    return max(1, min(want, cdiv(tiles, 4), 64))
 
 
 def launch_config(q, Hkv, L, config=None, num_splits=None):
@@ -227,7 +237,7 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     B, H, Tq, D = q.shape
     group = H // Hkv
     block_m = block_m_for(group * Tq)
-    base = B * Hkv * triton.cdiv(group * Tq, block_m)
+    base = B * Hkv * cdiv(group * Tq, block_m)
     cfg = dict(get_config("chunk_attention", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
     if config:
         cfg.update(config)
@@ -238,7 +248,7 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
         splits = default_num_splits(base, L, cfg["BLOCK_N"], num_sms(q.device))
     else:
         splits = rescale_splits(int(splits), cfg.get("base_programs"), base)
-    cfg["num_splits"] = max(1, min(int(splits), triton.cdiv(max(L, 1), cfg["BLOCK_N"])))
+    cfg["num_splits"] = max(1, min(int(splits), cdiv(max(L, 1), cfg["BLOCK_N"])))
     cfg["BLOCK_M"] = block_m
     return cfg
 
@@ -265,7 +275,7 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
         lse_part = torch.empty((S, B, H, Tq), dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = out[None], lse[None]
-    grid = (S, B * Hkv, triton.cdiv(group * Tq, block_m))
+    grid = (S, B * Hkv, cdiv(group * Tq, block_m))
     _chunk_attention_fwd[grid](
         q, k_pool, v_pool, kv_index, kv_len, o_part, lse_part,
         scale * LOG2E,
@@ -283,8 +293,8 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
     if S > 1:
         rows = B * H * Tq
         rows_per_program = 4
-        _combine_splits[(triton.cdiv(rows, rows_per_program),)](
+        _combine_splits[(cdiv(rows, rows_per_program),)](
             o_part, lse_part, out, lse, S, rows,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(S), ROWS=rows_per_program, num_warps=4,
+            HEAD_DIM=D, BLOCK_S=next_pow2(S), ROWS=rows_per_program, num_warps=4,
         )
     return out, lse
