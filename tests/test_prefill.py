@@ -268,3 +268,16 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
                 assert_close(a, b, torch.float32)
     finally:
         model.to("cpu")
+
+
+def test_answer_slots_are_scored_with_the_query(llada):
+    prompt = request_of(llada, 45)
+    chunks = split_chunks(prompt.context, 8, llada.cfg.bos_id)
+    cfg = PrefillConfig(chunk_size=8)
+    plain = score_chunks_attention(llada, prompt, chunks, cfg, slots=0)
+    slotted = score_chunks_attention(llada, prompt, chunks, cfg, slots=4)
+    masked_query = LongContextPrompt(prompt.prefix, prompt.context, prompt.query + [llada.cfg.mask_id] * 4)
+    assert_close(slotted, score_chunks_attention(llada, masked_query, chunks, cfg, slots=0), torch.float32)
+    assert not torch.allclose(plain, slotted)
+    with pytest.raises(ValueError, match="score_slots=-1"):
+        PrefillConfig(score_slots=-1)
