@@ -1,0 +1,50 @@
+"""Plot an end-to-end benchmark JSON (benchmarks/bench_e2e.py): latency split per method and context.
+
+    python benchmarks/plot_e2e.py benchmarks/results/e2e_<device>.json   # writes the .png beside it
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PARTS = (("score_s", "scoring"), ("build_s", "cache build"), ("decode_s", "decode steps"))
+
+
+def main(path: str):
+    data = json.loads(Path(path).read_text())
+    runs = [r for r in data["runs"] if "error" not in r]
+    contexts = sorted({r["context_tokens"] for r in runs})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    fig, axes = plt.subplots(1, len(contexts), figsize=(3.2 * len(contexts), 3.8), sharey=False)
+    for ax, n in zip(axes, contexts):
+        rows = {r["method"]: r for r in runs if r["context_tokens"] == n}
+        names = [m for m in methods if m in rows]
+        bottom = [0.0] * len(names)
+        for key, label in PARTS:
+            vals = [rows[m][key] for m in names]
+            ax.bar(names, vals, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, m in enumerate(names):
+            ratio = rows[m].get("speedup_vs_vanilla")
+            if ratio and m != "vanilla":
+                ax.text(i, bottom[i], f"{ratio:.0f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{n // 1024}K context", fontsize=9)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    axes[0].set_ylabel("end-to-end seconds")
+    axes[-1].legend(fontsize=7)
+    env = data["environment"]
+    fig.suptitle(f"LLaDA-8B shape, gen 32 / block 32 / 32 steps, top-4 x 1024 — {env.get('gpu')}, "
+                 f"torch {env['torch']}, triton {env['triton']} (speedup vs vanilla above bars)", fontsize=8)
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=130)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
