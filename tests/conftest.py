@@ -88,3 +88,24 @@ def llada_dir(tmp_path_factory):
 def dream_dir(tmp_path_factory):
     """A tiny random Dream-format checkpoint (Qwen2 names, q/k/v bias, GQA), single file."""
     return write_checkpoint(tmp_path_factory.mktemp("dream"), "dream", shards=1)
+
+
+@pytest.fixture(scope="session")
+def llada(llada_dir):
+    """The tiny LLaDA checkpoint loaded in fp32 (shared: tests must leave it as they found it)."""
+    from pdllm.model import from_pretrained
+
+    return from_pretrained(llada_dir, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def dream(dream_dir):
+    from pdllm.model import from_pretrained
+
+    return from_pretrained(dream_dir, torch.float32)
+
+
+def random_prompts(vocab, lengths=(13, 7, 10), seed=0):
+    """Token-id prompts of the given lengths, clear of the special ids at both ends of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]

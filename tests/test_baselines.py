@@ -8,26 +8,11 @@ import torch.nn.functional as F
 from pdllm.attention import dense_attention
 from pdllm.baselines.dllm_cache import DllmCache
 from pdllm.baselines.dyllm import DyLLM
-from pdllm.model import from_pretrained
 from pdllm.sampler import GenerationConfig, Vanilla, generate, make_batch, make_method
 from pdllm.testing import assert_close
+from conftest import random_prompts
 
 GC = GenerationConfig(gen_length=16, block_length=8, steps=8)
-
-
-@pytest.fixture(scope="module")
-def llada(llada_dir):
-    return from_pretrained(llada_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def dream(dream_dir):
-    return from_pretrained(dream_dir, torch.float32)
-
-
-def prompts(vocab, lengths=(13, 7, 10), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]
 
 
 def run(model, method, batch, gc=GC, trace=None):
@@ -71,7 +56,7 @@ EXACT = [
 def test_recomputing_everything_equals_vanilla(model_name, cls, kwargs, threshold, request):
     model = request.getfixturevalue(model_name)
     gc = GenerationConfig(gen_length=16, block_length=8, steps=8, threshold=threshold)
-    batch = prompts(model.cfg.vocab_size)  # padded: lengths 13, 7, 10
+    batch = random_prompts(model.cfg.vocab_size)  # padded: lengths 13, 7, 10
     ref, _, ref_logits, _ = run(model, Vanilla(), batch, gc)
     out, _, logits, _ = run(model, cls(**kwargs), batch, gc)
     assert torch.equal(out.tokens, ref.tokens)
@@ -86,7 +71,7 @@ def test_recomputing_everything_equals_vanilla(model_name, cls, kwargs, threshol
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 def test_dllm_cache_recomputes_the_rows_the_rule_says(model_name, request):
     model = request.getfixturevalue(model_name)
-    batch = prompts(model.cfg.vocab_size)
+    batch = random_prompts(model.cfg.vocab_size)
     B, P, n, rho = len(batch), max(map(len, batch)), GC.gen_length, 0.25
     T, k, L = P + n, int(rho * n), model.cfg.n_layers
     method = DllmCache(prompt_interval=3, response_interval=2, rho=rho)
@@ -115,7 +100,7 @@ def test_dllm_cache_recomputes_the_rows_the_rule_says(model_name, request):
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 def test_dyllm_salient_rows_are_those_whose_context_moved(model_name, request):
     model = request.getfixturevalue(model_name)
-    batch = prompts(model.cfg.vocab_size)
+    batch = random_prompts(model.cfg.vocab_size)
     B, P, L = len(batch), max(map(len, batch)), model.cfg.n_layers
     T, full = P + GC.gen_length, 2
     # the first sparse forward follows `full` dense ones, which are vanilla: take its inputs from vanilla
@@ -144,7 +129,7 @@ def test_dyllm_salient_rows_are_those_whose_context_moved(model_name, request):
 
 
 def test_dyllm_queries_only_the_response_between_full_queries(llada):
-    batch = prompts(llada.cfg.vocab_size)
+    batch = random_prompts(llada.cfg.vocab_size)
     P = max(map(len, batch))
     method = DyLLM(num_full_steps=1, tau=0.999, full_query_interval=2)
     out, xs, _, salient = run(llada, method, batch, trace=lambda m: [s.clone() for s in m.last_salient])
@@ -179,7 +164,7 @@ def test_default_knobs_run_to_fully_unmasked_output(model_name, method, request)
     model = request.getfixturevalue(model_name)
     gc = GenerationConfig(gen_length=32, block_length=8, steps=32)  # long enough for the sparse paths
     transferred = []
-    out = generate(model, prompts(model.cfg.vocab_size), gc, method=method,
+    out = generate(model, random_prompts(model.cfg.vocab_size), gc, method=method,
                    callback=lambda event: transferred.append(int(event["transfer"].sum())))
     assert out.tokens.shape == (3, 32) and sum(transferred) == 3 * 32  # every position decoded once
     if model_name == "llada":  # the tiny Dream (and vanilla with it) at times predicts its own mask id
@@ -191,7 +176,7 @@ def test_default_knobs_run_to_fully_unmasked_output(model_name, method, request)
 @pytest.mark.parametrize("method", ["dllm_cache", "dyllm"])
 def test_padded_batch_equals_each_row_alone(llada, method):
     gc = GenerationConfig(gen_length=16, block_length=8, steps=16)
-    batch = prompts(llada.cfg.vocab_size, lengths=(13, 5, 9))
+    batch = random_prompts(llada.cfg.vocab_size, lengths=(13, 5, 9))
     together = generate(llada, batch, gc, method=method).tokens
     for row, p in enumerate(batch):
         assert torch.equal(generate(llada, [p], gc, method=method).tokens[0], together[row])

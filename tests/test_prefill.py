@@ -7,22 +7,11 @@ import torch
 
 from pdllm.attention import reference_attention
 from pdllm.cache import KVRecorder
-from pdllm.model import from_pretrained
 from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, keep_tokens, pool_tokens,
                            score_chunks_attention, score_chunks_draft, select_chunks, split_chunks)
 from pdllm.sampler import GenerationConfig, generate, make_method
 from pdllm.testing import assert_close
 from pdllm.tokenizer import LongContextPrompt
-
-
-@pytest.fixture(scope="module")
-def llada(llada_dir):
-    return from_pretrained(llada_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def dream(dream_dir):
-    return from_pretrained(dream_dir, torch.float32)
 
 
 def request_of(model, context_len=45, seed=0):

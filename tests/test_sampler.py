@@ -3,24 +3,9 @@
 import pytest
 import torch
 
-from pdllm.model import from_pretrained
 from pdllm.sampler import (GenerationConfig, add_gumbel_noise, generate, make_method, num_transfer_tokens,
                            select_transfer)
-
-
-@pytest.fixture(scope="module")
-def llada(llada_dir):
-    return from_pretrained(llada_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def dream(dream_dir):
-    return from_pretrained(dream_dir, torch.float32)
-
-
-def prompts(vocab, lengths=(13, 7, 10), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]
+from conftest import random_prompts
 
 
 def test_transfer_schedule_spreads_the_remainder_first():
@@ -82,7 +67,7 @@ def test_empty_prompt_is_an_error(llada):
 def test_caches_refreshed_every_step_equal_vanilla_exactly(model_name, method, threshold, request):
     model = request.getfixturevalue(model_name)
     gc = GenerationConfig(gen_length=16, block_length=8, steps=8, threshold=threshold)
-    batch = prompts(model.cfg.vocab_size)
+    batch = random_prompts(model.cfg.vocab_size)
     vanilla = generate(model, batch, gc, method="vanilla")
     cached = generate(model, batch, gc, method=method, refresh_every=1)
     assert torch.equal(cached.tokens, vanilla.tokens)
@@ -90,21 +75,21 @@ def test_caches_refreshed_every_step_equal_vanilla_exactly(model_name, method, t
 
 
 def test_output_is_varied_enough_to_mean_something(llada):
-    out = generate(llada, prompts(llada.cfg.vocab_size), GenerationConfig(gen_length=16, block_length=8, steps=8))
+    out = generate(llada, random_prompts(llada.cfg.vocab_size), GenerationConfig(gen_length=16, block_length=8, steps=8))
     assert len(set(out.tokens.flatten().tolist())) > 3  # the equality tests above compare real decisions
 
 
 @pytest.mark.parametrize("method", ["vanilla", "prefix", "dual"])
 def test_padded_batch_equals_each_row_alone(llada, method):
     gc = GenerationConfig(gen_length=16, block_length=8, steps=8)
-    batch = prompts(llada.cfg.vocab_size, lengths=(13, 5, 9))
+    batch = random_prompts(llada.cfg.vocab_size, lengths=(13, 5, 9))
     together = generate(llada, batch, gc, method=method).tokens
     for row, p in enumerate(batch):
         assert torch.equal(generate(llada, [p], gc, method=method).tokens[0], together[row])
 
 
 def test_threshold_decoding_uses_fewer_steps(llada):
-    p = prompts(llada.cfg.vocab_size, lengths=(11,))
+    p = random_prompts(llada.cfg.vocab_size, lengths=(11,))
     fixed = generate(llada, p, GenerationConfig(gen_length=16, block_length=16, steps=16))
     fast = generate(llada, p, GenerationConfig(gen_length=16, block_length=16, steps=16, threshold=0.3))
     assert fixed.nfe == 16 and 1 <= fast.nfe < 16
@@ -112,7 +97,7 @@ def test_threshold_decoding_uses_fewer_steps(llada):
 
 
 def test_random_remasking_and_temperature_are_seeded(llada):
-    p = prompts(llada.cfg.vocab_size, lengths=(9,))
+    p = random_prompts(llada.cfg.vocab_size, lengths=(9,))
     gc = GenerationConfig(gen_length=8, block_length=8, steps=4, temperature=1.0, remasking="random")
     torch.manual_seed(3)
     a = generate(llada, p, gc).tokens
@@ -122,7 +107,7 @@ def test_random_remasking_and_temperature_are_seeded(llada):
 
 @pytest.mark.parametrize("method", ["vanilla", "dual"])
 def test_classifier_free_guidance_runs_and_changes_the_answer(llada, method):
-    p = prompts(llada.cfg.vocab_size, lengths=(12,))
+    p = random_prompts(llada.cfg.vocab_size, lengths=(12,))
     gc = GenerationConfig(gen_length=8, block_length=8, steps=8)
     plain = generate(llada, p, gc, method=method)
     guided = generate(llada, p, GenerationConfig(gen_length=8, block_length=8, steps=8, cfg_scale=2.0), method=method)

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
+from pdllm.baselines import finish_forward
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -131,12 +132,7 @@ class DllmCache:
             self.last_rows.append(rows)
 
         counts = [B * r.shape[1] for r in self.last_rows]
-        self.stats["recomputed_rows"].append(counts)
-        self._recomputed += sum(counts)
-        self._total += len(counts) * B * T
-        self.stats["recomputed_fraction"] = self._recomputed / self._total
-        shift = model.cfg.logit_shift  # Dream: the logit at row i predicts token i + 1
-        return model.lm_head(model.norm_f(h[:, start - shift: end - shift]))
+        return finish_forward(self, model, h, counts, start, end)
 
     def _v_verify(self, blk, layer, h, P):
         """Refresh the V of every response row; return the rows (B, k) whose V moved the most."""

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
+from pdllm.baselines import finish_forward
 from pdllm.model import apply_rope
 
 
@@ -130,12 +131,7 @@ class DyLLM:
             self.last_salient.append(incoming)
 
         counts = torch.stack([s.sum() for s in self.last_salient]).tolist()  # one sync per forward
-        self.stats["recomputed_rows"].append(counts)
-        self._recomputed += sum(counts)
-        self._total += len(counts) * B * T
-        self.stats["recomputed_fraction"] = self._recomputed / self._total
-        shift = model.cfg.logit_shift  # Dream: the logit at row i predicts token i + 1
-        return model.lm_head(model.norm_f(h[:, start - shift: end - shift]))
+        return finish_forward(self, model, h, counts, start, end)
 
     def _layer(self, model, blk, layer, h, incoming, query, dense):
         """One block over the residual stream h (B, T, C); returns (h, this layer's salient rows)."""

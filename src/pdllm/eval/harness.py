@@ -175,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="vanilla,dual,prefill")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated, or 'none'")
     p.add_argument("--ablation-n", type=int, default=20, help="examples per task for each ablation setting")
+    p.add_argument("--ablation-tasks", default=None, help="tasks for the ablations (default: those the dense "
+                   "model answers at all at the longest length: an ablation of a task it cannot do says nothing)")
     p.add_argument("--gen-length", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=16)
@@ -224,8 +226,12 @@ def main(argv=None) -> int:
                   f"{sum(c['accuracy'] for c in longest.values()) / len(longest):.3f}")
     which = [] if args.ablations == "none" else args.ablations.split(",")
     if which:
-        report["ablations"] = run_ablations(model, tok, tasks, lengths[-1], args.ablation_n, gen, args.batch_size,
-                                            prefill, which)
+        dense = report["grid"].get("vanilla") or report["grid"][methods[0]]
+        able = [t for t in tasks if any(c["accuracy"] > 0 for c in dense[t][str(lengths[-1])].values())]
+        ablation_tasks = args.ablation_tasks.split(",") if args.ablation_tasks else (able or tasks)
+        report["ablation_tasks"] = ablation_tasks
+        report["ablations"] = run_ablations(model, tok, ablation_tasks, lengths[-1], args.ablation_n, gen,
+                                            args.batch_size, prefill, which)
         for name, rows in report["ablations"].items():
             print(name, "  ".join(f"{r['label']}: {r['accuracy']:.3f}" for r in rows))
             plot_ablation(report["ablations"], name, args.out / f"ablation_{name}.png")
