@@ -103,9 +103,3 @@ def dream(dream_dir):
     from pdllm.model import from_pretrained
 
     return from_pretrained(dream_dir, torch.float32)
-
-
-def random_prompts(vocab, lengths=(13, 7, 10), seed=0):
-    """Token-id prompts of the given lengths, clear of the special ids at both ends of the vocabulary."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]

@@ -5,7 +5,7 @@ import torch
 
 from pdllm.sampler import (GenerationConfig, add_gumbel_noise, generate, make_method, num_transfer_tokens,
                            select_transfer)
-from conftest import random_prompts
+from pdllm.testing import random_prompts
 
 
 def test_transfer_schedule_spreads_the_remainder_first():

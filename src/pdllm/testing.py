@@ -26,3 +26,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         dtype = max(actual.dtype, expected.dtype, key=lambda d: TOLERANCES[d][0])
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=False, msg=msg or None)
+
+
+def random_prompts(vocab: int, lengths=(13, 7, 10), seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths, clear of the special ids at both ends of a tiny vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]
