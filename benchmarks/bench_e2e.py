@@ -4,7 +4,8 @@ LLaDA-8B-shaped model with random bf16 weights (built on the meta device, filled
 download), one request = prefix + context (8K..128K tokens) + question (~64 tokens), answer of 32
 tokens in one block of 32 with 32 fixed steps (threshold off, so every method does the same
 number of denoising steps). Methods: vanilla (whole sequence every step), dual (Fast-dLLM dual
-cache), prefill-attention and prefill-draft (Prefilling-dLLM, top-4 of 1024-token chunks).
+cache), prefill-attention and prefill-draft (Prefilling-dLLM, top-4 of 1024-token chunks),
+dllm_cache and dyllm (their recomputed fraction is reported: their cost follows it).
 
 Reported per (context, method): end-to-end latency and its split (scoring, cache build, decode
 steps), the mean step time, peak GPU memory, and speedups over vanilla and dual *measured in the
@@ -32,6 +33,8 @@ METHODS = {
     "dual": ("dual", {}),
     "prefill-attention": ("prefill", dict(score="attention", top_k=4, chunk_size=1024)),
     "prefill-draft": ("prefill", dict(score="draft", top_k=4, chunk_size=1024)),
+    "dllm_cache": ("dllm_cache", {}),  # K_p=100, K_r=8, rho=0.25: cost follows the recomputed fraction
+    "dyllm": ("dyllm", {}),  # num_full_steps=4, tau=0.99
 }
 
 
@@ -75,6 +78,8 @@ def run_one(model, request, method: str, steps: int = 32) -> dict:
            "output_tokens_per_s": config.gen_length / s["total_s"]}
     if name == "prefill":
         row.update(selected=s["selected"][0], n_chunks=s["chunks"][0], kv_rows=s["kv_rows"][0])
+    if "recomputed_fraction" in s:  # dLLM-Cache / DyLLM: their cost depends on it
+        row["recomputed_fraction"] = s["recomputed_fraction"]
     return row
 
 
@@ -102,8 +107,8 @@ def main(argv=None):
         request = make_request(n)
         rows = {}
         for method in args.methods:
-            if n in args.long_contexts and method == "vanilla":
-                continue
+            if n in args.long_contexts and method in ("vanilla", "dllm_cache", "dyllm"):
+                continue  # full-sequence methods: hours of GPU at 64K+, and the dense caches do not fit
             try:
                 reps = [run_one(model, request, method) for _ in range(1 if method == "vanilla" else args.repeats)]
             except torch.OutOfMemoryError:
