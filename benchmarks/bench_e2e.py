@@ -64,18 +64,20 @@ def make_request(context_tokens: int, question_tokens: int = 64, prefix_tokens: 
 
 
 def run_one(model, request, method: str, steps: int = 32) -> dict:
+    """One request (or a list of requests: one batch) through one method, timed."""
     from pdllm.sampler import GenerationConfig, generate
 
     name, kwargs = METHODS[method]
     config = GenerationConfig(gen_length=32, block_length=32, steps=steps)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    out = generate(model, [request], config, method=name, **kwargs)
+    batch = request if isinstance(request, list) else [request]
+    out = generate(model, batch, config, method=name, **kwargs)
     s = out.stats
     row = {"method": method, "total_s": s["total_s"], "score_s": s.get("score_s", 0.0),
            "build_s": s.get("build_s", s["begin_s"]), "decode_s": s["decode_s"], "nfe": out.nfe,
            "step_ms": 1e3 * s["decode_s"] / out.nfe, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-           "output_tokens_per_s": config.gen_length / s["total_s"]}
+           "batch": len(batch), "output_tokens_per_s": len(batch) * config.gen_length / s["total_s"]}
     if name == "prefill":
         row.update(selected=s["selected"][0], n_chunks=s["chunks"][0], kv_rows=s["kv_rows"][0])
     if "recomputed_fraction" in s:  # dLLM-Cache / DyLLM: their cost depends on it
@@ -92,6 +94,9 @@ def main(argv=None):
                    help="contexts where only the prefill methods (and dual while memory allows) run")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--repeats", type=int, default=2, help="runs per case (median); vanilla runs once")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16],
+                   help="batched prefill-attention throughput at --batch-context (requests of different lengths)")
+    p.add_argument("--batch-context", type=int, default=16384)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -129,6 +134,16 @@ def main(argv=None):
                   f"mem {row['peak_mem_gb']:5.1f}GB  x{row.get('speedup_vs_vanilla', float('nan')):6.1f} vs vanilla  "
                   f"x{row.get('speedup_vs_dual', float('nan')):5.1f} vs dual", flush=True)
         if args.out:  # after every context, so a cut-off run still leaves its numbers
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    for b in args.batch_sizes:  # batches of requests 1-10% shorter than batch_context, so rows are ragged
+        batch = [make_request(args.batch_context - 64 * i, seed=i) for i in range(b)]
+        row = run_one(model, batch, "prefill-attention")
+        row["context_tokens"] = args.batch_context
+        results.setdefault("batched", []).append(row)
+        print(f"batch {b:>3} prefill-attention at {args.batch_context}: {row['output_tokens_per_s']:8.1f} output tok/s  "
+              f"total {row['total_s']:.3f}s  mem {row['peak_mem_gb']:.1f}GB", flush=True)
+        if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
     return results
