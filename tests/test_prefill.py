@@ -270,3 +270,15 @@ def test_answer_slots_are_scored_with_the_query(llada):
     assert not torch.allclose(plain, slotted)
     with pytest.raises(ValueError, match="score_slots=-1"):
         PrefillConfig(score_slots=-1)
+
+
+@pytest.mark.parametrize("knobs", [dict(top_k=2), dict(top_k=3, token_capacity=5, cache_mode="chunk_query")])
+def test_batched_prefill_gives_each_request_its_own_answer(llada, knobs):
+    gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
+    batch = [request_of(llada, n, seed=s) for s, n in ((0, 45), (1, 20), (2, 33))]
+    together = generate(llada, batch, gc, method="prefill", chunk_size=8, **knobs)
+    for row, req in enumerate(batch):
+        alone = generate(llada, [req], gc, method="prefill", chunk_size=8, **knobs)
+        assert torch.equal(together.tokens[row], alone.tokens[0])
+        assert together.stats["selected"][row] == alone.stats["selected"][0]
+    assert not torch.isnan(together.tokens.float()).any()
