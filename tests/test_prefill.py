@@ -282,3 +282,15 @@ def test_batched_prefill_gives_each_request_its_own_answer(llada, knobs):
         assert torch.equal(together.tokens[row], alone.tokens[0])
         assert together.stats["selected"][row] == alone.stats["selected"][0]
     assert not torch.isnan(together.tokens.float()).any()
+
+
+@pytest.mark.parametrize("name, knobs", [("prefill", dict(chunk_size=8, top_k=2)), ("dual", {})])
+def test_a_method_object_can_be_reused(llada, name, knobs):
+    gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
+    first, second = request_of(llada, 45, seed=0), request_of(llada, 30, seed=1)
+    method = make_method(name, **knobs)
+    generate(llada, [first], gc, method=method)
+    again = generate(llada, [second], gc, method=method)
+    assert torch.equal(again.tokens, generate(llada, [second], gc, method=make_method(name, **knobs)).tokens)
+    if name == "prefill":
+        assert len(method.selected) == 1

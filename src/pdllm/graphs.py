@@ -8,7 +8,26 @@ recording) is paid at the second step of each block and counted in every timing 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+
+def capture(fn, idx: torch.Tensor, key):
+    """A StepGraph, or None (with one warning) where this forward cannot be captured: the caller
+    then runs it eagerly, slower but the same."""
+    try:
+        return StepGraph(fn, idx, key)
+    except Exception as e:  # capture can fail on drivers/versions we have not seen; never fail the answer
+        global _warned
+        if not _warned:
+            warnings.warn(f"pdllm: CUDA-graph capture of the decode step failed ({e!r}); running eagerly", stacklevel=2)
+            _warned = True
+        torch.cuda.synchronize()
+        return None
+
+
+_warned = False
 
 
 class StepGraph:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
-from pdllm.graphs import StepGraph, graphs_available
+from pdllm.graphs import StepGraph, capture, graphs_available
 from pdllm.sampler import Batch, GenerationConfig, generate
 from pdllm.tokenizer import LongContextPrompt
 
@@ -340,6 +340,7 @@ class Prefill:
         if cfg.chunk_bos and bos is None:
             raise ValueError("chunk_bos=True but the model config has no bos_id")
         timings = {"score_s": 0.0, "build_s": 0.0}
+        self.graph, self.selected, self.scores, self.chunk_lengths = None, [], [], []  # a method object may be reused
         layouts, all_chunks = [], []
         for prompt in prompts:
             _sync(dev)
@@ -418,6 +419,7 @@ class Prefill:
             return model(tokens, pos, cache=self.cache, logits_slice=slice(0, end - start))
 
         if self.cuda_graphs and graphs_available(x.device):
-            self.graph = StepGraph(step, idx, key=(start, end))
-            return self.graph(idx)
+            self.graph = capture(step, idx, key=(start, end))
+            if self.graph is not None:
+                return self.graph(idx)
         return step(idx)

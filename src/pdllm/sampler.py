@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.cache import DenseKVCache
-from pdllm.graphs import StepGraph, graphs_available
+from pdllm.graphs import capture, graphs_available
 
 REMASKING = ("low_confidence", "random")
 
@@ -182,7 +182,7 @@ class DenseCache:
         self.stats: dict = {}
 
     def begin(self, model, batch: Batch):
-        self.batch = batch
+        self.batch, self.graph = batch, None  # a graph of an earlier call would replay on its old cache
         self.cache = DenseKVCache.for_model(model, batch.x.shape[0], batch.x.shape[1], batch.key_mask)
 
     def block_logits(self, model, x, start, end, step):
@@ -199,8 +199,9 @@ class DenseCache:
                          logits_slice=slice(start - shift - q0, end - shift - q0))
 
         if not refresh and self.cuda_graphs and graphs_available(x.device):
-            self.graph = StepGraph(step, x[:, q0:q1], key=(q0, q1, start, end))
-            return self.graph(x[:, q0:q1])
+            self.graph = capture(step, x[:, q0:q1], key=(q0, q1, start, end))
+            if self.graph is not None:
+                return self.graph(x[:, q0:q1])
         return step(x[:, q0:q1])
 
 
