@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
 from pdllm.graphs import StepGraph, capture, graphs_available
-from pdllm.sampler import Batch, GenerationConfig, generate
+from pdllm.sampler import Batch, GenerationConfig, _sync, generate
 from pdllm.tokenizer import LongContextPrompt
 
 SCORE_MODES = ("attention", "draft")
@@ -311,11 +311,6 @@ def encode_chunk_query(model, cache: ChunkKVCache, prompt: LongContextPrompt, la
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Prefill:
     """Prefilling-dLLM as a sampler method (``generate(..., method="prefill", top_k=4, ...)``)."""
 
@@ -338,51 +333,55 @@ class Prefill:
                             "build them with Tokenizer.long_context_prompt")
         bos = model.cfg.bos_id if cfg.chunk_bos else None
         if cfg.chunk_bos and bos is None:
-            raise ValueError("chunk_bos=True but the model config has no bos_id")
-        timings = {"score_s": 0.0, "build_s": 0.0}
+            raise ValueError("chunk_bos=True but the model config has no bos_id; set it or pass chunk_bos=False")
         self.graph, self.selected, self.scores, self.chunk_lengths = None, [], [], []  # a method object may be reused
-        layouts, all_chunks = [], []
-        for prompt in prompts:
-            _sync(dev)
-            t0 = time.perf_counter()
-            chunks = split_chunks(prompt.context, cfg.chunk_size, bos)
-            slots = batch.config.block_length if cfg.score_slots is None else cfg.score_slots
-            if cfg.score == "attention":
-                scores = score_chunks_attention(model, prompt, chunks, cfg, slots)
-            else:
-                scores = score_chunks_draft(model, prompt, chunks, draft_answer(model, prompt, cfg.draft_tokens), cfg)
-            selected = select_chunks(scores, cfg.top_k)
-            kept = {i: torch.arange(len(chunks[i])) for i in selected}
-            if cfg.token_capacity is not None:
-                window = prompt.query[-cfg.token_query_window:] + [model.cfg.mask_id] * slots
-                token_scores = attention_token_scores(model, prompt.prefix, [chunks[i] for i in selected], window,
-                                                      range(model.cfg.n_layers), cfg.pool_kernel, cfg.score_batch)
-                kept = {i: keep_tokens(s, cfg.token_capacity, cfg.chunk_bos) for i, s in zip(selected, token_scores)}
-            _sync(dev)
-            timings["score_s"] += time.perf_counter() - t0
-            layouts.append(build_layout(prompt, chunks, selected, kept, G, cfg.positions, model.cfg.mask_id))
-            all_chunks.append(chunks)
-            self.selected.append(selected)
-            self.scores.append(scores)
-            self.chunk_lengths.append([len(c) for c in chunks])
-
+        slots = batch.config.block_length if cfg.score_slots is None else cfg.score_slots
+        _sync(dev)
         t0 = time.perf_counter()
-        extra = max(len(p.query) for p in prompts) if cfg.cache_mode == "chunk_query" else 0
-        self.cache = ChunkKVCache.for_model(model, sum(len(lay.tokens) for lay in layouts) + extra * len(layouts))
-        self.rows = []
-        for prompt, lay in zip(prompts, layouts):
-            if cfg.cache_mode == "chunk_query":
-                self.rows.append(encode_chunk_query(model, self.cache, prompt, lay, cfg.chunk_query_window))
-            else:
-                self.rows.append(self.cache.allocate(len(lay.tokens)))  # filled by the first refresh
+        layouts = []
+        for prompt in prompts:  # steps 1-4, one request at a time (each has its own chunks)
+            chunks, kept = self.select(model, prompt, bos, slots)
+            layouts.append(build_layout(prompt, chunks, sorted(kept), kept, G, cfg.positions, model.cfg.mask_id))
+        _sync(dev)
+        t1 = time.perf_counter()
+        self.build_cache(model, prompts, layouts, G)  # step 5; full_prompt_mask fills it at the first step
+        _sync(dev)
+        self.stats = {"score_s": t1 - t0, "build_s": time.perf_counter() - t1,
+                      "chunks": [len(c) for c in self.chunk_lengths], "selected": self.selected,
+                      "kv_rows": [len(lay.tokens) for lay in layouts]}
+
+    def select(self, model, prompt: LongContextPrompt, bos: int | None, slots: int):
+        """Chunk, score, keep the top K, and (optionally) the best tokens inside them.
+        Returns the chunks and {selected chunk: kept offsets}."""
+        cfg = self.cfg
+        chunks = split_chunks(prompt.context, cfg.chunk_size, bos)
+        if cfg.score == "attention":
+            scores = score_chunks_attention(model, prompt, chunks, cfg, slots)
+        else:
+            scores = score_chunks_draft(model, prompt, chunks, draft_answer(model, prompt, cfg.draft_tokens), cfg)
+        selected = select_chunks(scores, cfg.top_k)
+        kept = {i: torch.arange(len(chunks[i])) for i in selected}
+        if cfg.token_capacity is not None:
+            window = prompt.query[-cfg.token_query_window:] + [model.cfg.mask_id] * slots
+            token_scores = attention_token_scores(model, prompt.prefix, [chunks[i] for i in selected], window,
+                                                  range(model.cfg.n_layers), cfg.pool_kernel, cfg.score_batch)
+            kept = {i: keep_tokens(s, cfg.token_capacity, cfg.chunk_bos) for i, s in zip(selected, token_scores)}
+        self.selected.append(selected)
+        self.scores.append(scores)
+        self.chunk_lengths.append([len(c) for c in chunks])
+        return chunks, kept
+
+    def build_cache(self, model, prompts, layouts, gen_length):
+        """One pool for the whole batch; each request reads its own rows through the index."""
+        dev, cq = model.device, self.cfg.cache_mode == "chunk_query"
+        scratch = max(len(p.query) for p in prompts) if cq else 0  # chunk_query's temporary query rows
+        self.cache = ChunkKVCache.for_model(model, sum(len(lay.tokens) + scratch for lay in layouts))
+        self.rows = [encode_chunk_query(model, self.cache, p, lay, self.cfg.chunk_query_window) if cq
+                     else self.cache.allocate(len(lay.tokens)) for p, lay in zip(prompts, layouts)]
         self.cache.set_index(self.rows)
-        self.layouts, self.gen_length = layouts, G
+        self.layouts, self.gen_length = layouts, gen_length
         self.tokens = [torch.tensor(lay.tokens, device=dev) for lay in layouts]
         self.positions = [torch.tensor(lay.positions, device=dev) for lay in layouts]
-        _sync(dev)
-        timings["build_s"] = time.perf_counter() - t0
-        self.stats = {**timings, "chunks": [len(c) for c in all_chunks], "selected": self.selected,
-                      "kv_rows": [len(lay.tokens) for lay in layouts]}
 
     def _refresh(self, model, b, answer, first, last):
         """Re-encode what a block start re-encodes (full_prompt_mask: everything kept; chunk_query:
