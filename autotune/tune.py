@@ -125,6 +125,18 @@ def _try(fn, check, device, args):
     return bench(fn, device, args.warmup_ms, args.rep_ms), None
 
 
+def _fastest(configs, run):
+    """Time every candidate (run(cfg) -> (ms, why rejected or None)); the fastest valid one wins."""
+    best, best_ms, rejected = None, math.inf, []
+    for cfg in configs:
+        ms, why = run(cfg)
+        if why:
+            rejected.append({"config": cfg, "why": why})
+        elif ms < best_ms:
+            best, best_ms = cfg, ms
+    return best, best_ms, rejected
+
+
 def tune_chunk_attention(problem, args, device, log):
     from pdllm.attention import chunk_attention_reference
     from pdllm.triton_kernels.chunk_attention import block_m_for, chunk_attention, default_num_splits, num_sms
@@ -144,27 +156,19 @@ def tune_chunk_attention(problem, args, device, log):
     def run(cfg):
         return _try(lambda: chunk_attention(q, k_pool, v_pool, index, kv_len, config=cfg), check, device, args)
 
-    best, best_ms, rejected = None, math.inf, []
-    for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages)):
-        splits = default_num_splits(base, L, bn, num_sms(q.device))
-        cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "num_splits": splits}
-        ms, why = run(cfg)
-        if why:
-            rejected.append({"config": cfg, "why": why})
-        elif ms < best_ms:
-            best, best_ms = cfg, ms
+    tiles = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns,
+              "num_splits": default_num_splits(base, L, bn, num_sms(q.device))}
+             for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages))]
+    best, best_ms, rejected = _fastest(tiles, run)
     if best is None:
         return None, rejected
-    heuristic_ms = best_ms
-    for s in _ints(args.num_splits):
-        if s == best["num_splits"] or s > triton.cdiv(L, best["BLOCK_N"]):
-            continue
-        cfg = dict(best, num_splits=s)
-        ms, why = run(cfg)
-        if why:
-            rejected.append({"config": cfg, "why": why})
-        elif ms < best_ms:
-            best, best_ms = cfg, ms
+    heuristic_ms = best_ms  # then the split count, around the best tile shape
+    splits = [dict(best, num_splits=s) for s in _ints(args.num_splits)
+              if s != best["num_splits"] and s <= triton.cdiv(L, best["BLOCK_N"])]
+    better, better_ms, more_rejected = _fastest(splits, run)
+    rejected += more_rejected
+    if better_ms < best_ms:
+        best, best_ms = better, better_ms
     elem = q.element_size()
     nbytes = L * hkv * D * 2 * elem + 2 * q.numel() * elem
     entry = {
@@ -185,15 +189,11 @@ def tune_key_attention_mass(problem, args, device, log):
     q, k_pool, v_pool, index, kv_len = problem
     lse = chunk_attention_reference(q, k_pool, v_pool, index, kv_len)[1]
     ref = key_attention_mass_reference(q, k_pool, index, kv_len, lse)
-    best, best_ms, rejected = None, math.inf, []
-    for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages)):
-        cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
-        ms, why = _try(lambda: key_attention_mass(q, k_pool, index, kv_len, lse, config=cfg),
-                       lambda m: _close(m, ref, q.dtype), device, args)
-        if why:
-            rejected.append({"config": cfg, "why": why})
-        elif ms < best_ms:
-            best, best_ms = cfg, ms
+    configs = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+               for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages))]
+    best, best_ms, rejected = _fastest(configs, lambda cfg: _try(
+        lambda: key_attention_mass(q, k_pool, index, kv_len, lse, config=cfg), lambda m: _close(m, ref, q.dtype),
+        device, args))
     if best is None:
         return None, rejected
     return {"config": best, "time_us": round(best_ms * 1e3, 2)}, rejected
