@@ -56,13 +56,14 @@ def method_kwargs(args) -> dict:
                 cache_mode=args.cache_mode, positions=args.positions, chunk_bos=not args.no_chunk_bos)
 
 
-def load(args):
+def load_model(path, device: str | None = None, dtype: str | None = None):
+    """Model and tokenizer of a checkpoint directory; bf16 on a GPU, fp32 on a CPU unless told."""
     from pdllm.model import from_pretrained
     from pdllm.tokenizer import Tokenizer
 
-    device = args.device or default_device()
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return from_pretrained(args.model, dtype, device), Tokenizer.from_dir(args.model)
+    device = device or default_device()
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return from_pretrained(path, dtype, device), Tokenizer.from_dir(path)
 
 
 class StepProgress:
@@ -95,7 +96,7 @@ def cmd_generate(args) -> int:
             raise SystemExit("error: give either --prompt/--prompt-file or --context-file/--question")
     elif args.prompt is None and args.prompt_file is None:
         raise SystemExit("error: give --prompt TEXT, --prompt-file F, or --context-file F with --question Q")
-    model, tok = load(args)
+    model, tok = load_model(args.model, args.device, args.dtype)
     config = generation_config(args)
     if args.context_file is not None:
         prompt = tok.long_context_prompt(Path(args.context_file).read_text(), args.question)

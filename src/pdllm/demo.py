@@ -18,11 +18,9 @@ METHODS = ("vanilla", "dual", "prefill")
 
 
 def main(argv=None) -> int:
-    from pdllm.cli import EMBEDDED_MODEL, default_device
+    from pdllm.cli import EMBEDDED_MODEL, load_model
     from pdllm.data.synthetic import TASKS, make_example
-    from pdllm.model import from_pretrained
     from pdllm.sampler import GenerationConfig, generate
-    from pdllm.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(prog="pdllm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
@@ -38,9 +36,8 @@ def main(argv=None) -> int:
     if not (args.model / "config.json").exists():
         raise SystemExit(f"error: no model at {args.model}; pass --model DIR (the embedded model ships in "
                          "src/pdllm/assets/toy; `pdllm train-toy` rebuilds it)")
-    device = args.device or default_device()
-    model = from_pretrained(args.model, "bfloat16" if device.startswith("cuda") else "float32", device)
-    tok = Tokenizer.from_dir(args.model)
+    model, tok = load_model(args.model, args.device)
+    device = str(model.device)
     gen = GenerationConfig(gen_length=args.gen_length, block_length=args.gen_length, steps=args.gen_length,
                            threshold=0.9)
     prefill = dict(chunk_size=args.chunk_size, top_k=args.top_k)

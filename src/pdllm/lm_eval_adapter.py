@@ -32,16 +32,12 @@ class PdllmLM(LM):
                  gen_length: int | None = None, query_tokens: int = 64, batch_size: int | str = 1,
                  max_batch_size: int | None = None, **method_kwargs):
         super().__init__()
-        from pdllm.cli import EMBEDDED_MODEL, default_device
-        from pdllm.model import from_pretrained
+        from pdllm.cli import EMBEDDED_MODEL, load_model
         from pdllm.sampler import make_method
-        from pdllm.tokenizer import Tokenizer
 
         path = pretrained or EMBEDDED_MODEL
-        self._device = device or default_device()
-        self.model = from_pretrained(path, dtype or ("bfloat16" if self._device.startswith("cuda") else "float32"),
-                                     self._device)
-        self.tok = Tokenizer.from_dir(path)
+        self.model, self.tok = load_model(path, device, dtype)
+        self._device = str(self.model.device)  # lm-eval's LM.device
         self.method, self.method_kwargs = method, _typed(method_kwargs)
         make_method(method, **self.method_kwargs)  # bad knobs fail here, once, not per request
         self.block_length, self.threshold = int(block_length), None if threshold in (None, "None") else float(threshold)

@@ -160,9 +160,7 @@ def plot_ablation(ablations: dict, name: str, out: Path):
 
 
 def main(argv=None) -> int:
-    from pdllm.cli import EMBEDDED_MODEL, default_device
-    from pdllm.model import from_pretrained
-    from pdllm.tokenizer import Tokenizer
+    from pdllm.cli import EMBEDDED_MODEL, load_model
 
     p = argparse.ArgumentParser(prog="pdllm eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
@@ -188,9 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-gen", type=int, default=None, help="cap on a benchmark task's answer length")
     args = p.parse_args(argv)
 
-    device = args.device or default_device()
-    model = from_pretrained(args.model, "bfloat16" if device.startswith("cuda") else "float32", device)
-    tok = Tokenizer.from_dir(args.model)
+    model, tok = load_model(args.model, args.device)
+    device = str(model.device)
     prefill = dict(chunk_size=args.chunk_size, top_k=args.top_k)
     methods = args.methods.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
