@@ -131,8 +131,7 @@ class KVRecorder:
     """Plain self-attention that also keeps each layer's K/V: the way to encode a segment once.
 
     After a forward, ``k[layer]`` and ``v[layer]`` are (B, Hkv, T, D); ``stacked()`` returns them as
-    (L, B, Hkv, T, D). Optionally records the attention probabilities' log-sum-exp of some query
-    rows for scoring (see pdllm.prefill).
+    (L, B, Hkv, T, D).
     """
 
     def __init__(self):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
 from pdllm.graphs import StepGraph, capture, graphs_available
-from pdllm.sampler import Batch, GenerationConfig, _sync, generate
+from pdllm.sampler import Batch, GenerationConfig, generate, synchronize
 from pdllm.tokenizer import LongContextPrompt
 
 SCORE_MODES = ("attention", "draft")
@@ -336,16 +336,16 @@ class Prefill:
             raise ValueError("chunk_bos=True but the model config has no bos_id; set it or pass chunk_bos=False")
         self.graph, self.selected, self.scores, self.chunk_lengths = None, [], [], []  # a method object may be reused
         slots = batch.config.block_length if cfg.score_slots is None else cfg.score_slots
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         layouts = []
         for prompt in prompts:  # steps 1-4, one request at a time (each has its own chunks)
             chunks, kept = self.select(model, prompt, bos, slots)
             layouts.append(build_layout(prompt, chunks, sorted(kept), kept, G, cfg.positions, model.cfg.mask_id))
-        _sync(dev)
+        synchronize(dev)
         t1 = time.perf_counter()
         self.build_cache(model, prompts, layouts, G)  # step 5; full_prompt_mask fills it at the first step
-        _sync(dev)
+        synchronize(dev)
         self.stats = {"score_s": t1 - t0, "build_s": time.perf_counter() - t1,
                       "chunks": [len(c) for c in self.chunk_lengths], "selected": self.selected,
                       "kv_rows": [len(lay.tokens) for lay in layouts]}

@@ -240,7 +240,8 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)  # timings in seconds, method-specific figures
 
 
-def _sync(device):
+def synchronize(device):
+    """Wait for the GPU, so that wall-clock timings mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -270,10 +271,10 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
         keys = None if batch.key_mask is None else batch.key_mask.repeat(2, 1)
         batch = Batch(torch.cat([x, torch.cat([un_prompt, x[:, P:]], 1)]), batch.pos.repeat(2, 1), keys, P,
                       batch.prompts * 2, config, mask_id)
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     method.begin(model, batch)
-    _sync(dev)
+    synchronize(dev)
     t1 = time.perf_counter()
     nfe, B = 0, x.shape[0]
     for blk in range(config.num_blocks):
@@ -305,7 +306,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
                 callback({"block": blk, "step": step, "start": s, "end": e, "x": x, "transfer": transfer,
                           "confidence": conf})
             step += 1
-    _sync(dev)
+    synchronize(dev)
     t2 = time.perf_counter()
     stats = {"method": method.name, "begin_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "nfe": nfe,
              "batch": B, "gen_length": config.gen_length, **method.stats}
