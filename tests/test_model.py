@@ -88,6 +88,11 @@ def test_bf16_load(llada_dir):
     assert model.dtype == torch.bfloat16 and model.blocks[0].attn_norm.weight.dtype == torch.bfloat16
 
 
+def _shard_of(ckpt, key):
+    """The safetensors file that the checkpoint's index says holds key."""
+    return ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
 def _edit_tensors(path, edit):
     """Rewrite one safetensors file through edit(dict) -> dict."""
     from safetensors.torch import load_file, save_file
@@ -113,7 +118,7 @@ def test_truncated_shard(llada_dir, copy_of):
 def test_wrong_shape_names_key_and_file(llada_dir, copy_of):
     d = copy_of(llada_dir)
     key = "model.transformer.blocks.0.q_proj.weight"
-    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][key]
+    shard = _shard_of(d, key)
     _edit_tensors(shard, lambda t: {**t, key: t[key][:, :-1].contiguous()})
     with pytest.raises(CheckpointError, match=rf"{shard.name}: {key} has shape \(64, 63\), expected \(64, 64\)"):
         from_pretrained(d)
@@ -124,7 +129,7 @@ def test_unexpected_and_missing_keys(llada_dir, copy_of):
     index_file = d / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
     key = "model.transformer.ln_f.weight"
-    shard = d / index["weight_map"][key]
+    shard = _shard_of(d, key)
     _edit_tensors(shard, lambda t: {("model.transformer.ln_final.weight" if k == key else k): v for k, v in t.items()})
     del index["weight_map"][key]
     index_file.write_text(json.dumps(index))
@@ -148,7 +153,7 @@ def test_index_lists_a_key_the_shard_lacks(llada_dir, copy_of):
 def test_integer_weights_are_refused(llada_dir, copy_of):
     d = copy_of(llada_dir)
     key = "model.transformer.ln_f.weight"
-    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][key]
+    shard = _shard_of(d, key)
     _edit_tensors(shard, lambda t: {**t, key: t[key].to(torch.int32)})
     with pytest.raises(CheckpointError, match="dtype torch.int32; weights must be floating point"):
         from_pretrained(d)
