@@ -61,7 +61,7 @@ def test_loss_is_llada_weighting(tok, pretrain_frac):
                        mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     torch.manual_seed(0)
     model = Transformer(mcfg)
-    loss, _ = diffusion_loss(model, b)
+    loss, _, _ = diffusion_loss(model, b)
     # by hand, one sequence at a time, without padding
     A, total = cfg.answer_length, 0.0
     for i in range(b["idx"].shape[0]):
@@ -102,3 +102,26 @@ def test_smoke_run_saves_a_loadable_llada_checkpoint(tmp_path, tok):
     assert "Dense accuracy" in card and "--smoke" in card
     log = json.loads((out / "train_log.json").read_text())
     assert log["log"][-1]["step"] == SMOKE["steps"] - 1
+
+
+def test_task_weights_steer_the_mix_and_are_checked(tok):
+    _, _, b = _batch(tok, task_weights="passkey=0,multikey_needle=1,kv_lookup=0")
+    assert (b["task"] == 1).all()
+    cfg = TrainConfig(task_weights="kv_lookup=3")
+    assert cfg.task_weight_list == (1.0, 1.0, 3.0)
+    for bad in ("kv_lookup", "nope=1", "passkey=x", "passkey=0,multikey_needle=0,kv_lookup=0", "passkey=-1"):
+        with pytest.raises(ValueError, match="task weight"):
+            TrainConfig(task_weights=bad).task_weight_list
+
+
+def test_per_task_accuracy_adds_up_to_the_batch_accuracy(tok):
+    cfg, _, b = _batch(tok)
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=64,
+                       mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(0)
+    _, acc, per_task = diffusion_loss(Transformer(mcfg), b, n_tasks=len(cfg.task_list))
+    assert per_task.shape == (3, 2)
+    assert per_task[:, 1].sum() == b["masked"][:, -cfg.answer_length:].sum()
+    torch.testing.assert_close(per_task[:, 0].sum() / per_task[:, 1].sum(), acc)
+    for t in range(3):  # counts land on the right task
+        assert per_task[t, 1] == b["masked"][b["task"] == t][:, -cfg.answer_length:].sum()

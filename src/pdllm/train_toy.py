@@ -8,7 +8,8 @@ trains it from scratch in a few minutes on one GPU:
     python -m pdllm.train_toy --out /tmp/toy --smoke           (a few CPU steps, for tests)
 
 Data: the three tasks of :mod:`pdllm.data.synthetic` (passkey, multi-key needle, kv lookup),
-mixed, at random depths, generated on the fly in DataLoader workers from the seed. Each example
+mixed by ``task_weights`` (the log shows the masked-answer accuracy of each task), at random
+depths, generated on the fly in DataLoader workers from the seed. Each example
 is the chat prompt of :mod:`pdllm.tokenizer` (prefix + plain context + query; no per-chunk BOS)
 followed by an answer region of ``answer_length`` tokens: the answer's digits, then EOS padding.
 
@@ -24,8 +25,8 @@ tokens): an estimate of 4-6 minutes on one H100 from FLOP and memory-traffic cou
 measured; ``--max-train-minutes`` (6.5) stops training early, and says so, if it runs slower.
 
 Curriculum: the context length of a batch is drawn from [min_context, L(step)], where L grows
-linearly from min_context to max_context over the first half of training (half of the batches
-use L(step) itself); the number of sequences per batch keeps the tokens per batch constant.
+linearly from min_context to max_context over the first ``curriculum_frac`` of training
+(``long_frac`` of the batches use L(step) itself); the number of sequences per batch keeps the tokens per batch constant.
 max_context defaults to 16 chunks of the toy chunk size (16 x 64 = 1024 tokens).
 
 At the end: a bf16 checkpoint (config.json with LLaDA names, model.safetensors with LLaDA keys,
@@ -71,10 +72,13 @@ class TrainConfig:
     mlp_hidden: int = 1024
     rope_theta: float = 10000.0
     # data
-    tasks: str = ",".join(TASKS)  # comma-separated subset of pdllm.data.synthetic.TASKS, mixed uniformly
+    tasks: str = ",".join(TASKS)  # comma-separated subset of pdllm.data.synthetic.TASKS
+    task_weights: str = ""  # e.g. "passkey=1,multikey_needle=2": sampling weights (default 1 each)
     chunk_size: int = 64  # the toy chunk size Prefilling-dLLM runs with on this model
     min_context: int = 64
     max_context: int = 1024  # >= 16 chunks
+    curriculum_frac: float = 0.5  # the longest length is reached after this share of the steps
+    long_frac: float = 0.5  # share of batches at the current longest length (the rest: uniform below it)
     answer_length: int = 32  # answer digits + EOS padding (= the default gen_length of the evals)
     tokens_per_batch: int = 65536
     pretrain_frac: float = 0.0  # share of sequences noised LLaDA-pretraining style (every token maskable)
@@ -104,6 +108,22 @@ class TrainConfig:
             raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
         return tasks
 
+    @property
+    def task_weight_list(self) -> tuple[float, ...]:
+        """One sampling weight per task of ``task_list``, from ``task_weights`` ("task=w,...")."""
+        weights = dict.fromkeys(self.task_list, 1.0)
+        for item in filter(None, (x.strip() for x in self.task_weights.split(","))):
+            name, sep, w = item.partition("=")
+            if not sep or name.strip() not in weights:
+                raise ValueError(f"bad task weight {item!r}: write task=weight with a task of {self.task_list}")
+            try:
+                weights[name.strip()] = float(w)
+            except ValueError:
+                raise ValueError(f"bad task weight {item!r}: {w!r} is not a number") from None
+        if any(w < 0 for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"task weights must be >= 0 and not all 0, got {weights}")
+        return tuple(weights.values())
+
 
 SMOKE = dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, min_context=32, max_context=96,
              answer_length=8, tokens_per_batch=1024, steps=6, warmup=2, eval_n=5, eval_batch=5, eval_steps=2,
@@ -117,9 +137,9 @@ SMOKE = dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, min_context=32, 
 
 def context_length_for_step(cfg: TrainConfig, step: int, rng: random.Random) -> int:
     """The curriculum: draw the batch's context length given the step."""
-    frac = min(1.0, step / max(1, 0.5 * cfg.steps))
+    frac = min(1.0, step / max(1, cfg.curriculum_frac * cfg.steps))
     hi = int(cfg.min_context + frac * (cfg.max_context - cfg.min_context))
-    return hi if rng.random() < 0.5 else rng.randint(cfg.min_context, max(cfg.min_context, hi))
+    return hi if rng.random() < cfg.long_frac else rng.randint(cfg.min_context, max(cfg.min_context, hi))
 
 
 def task_kwargs(task: str, rng: random.Random, context: int) -> dict:
@@ -192,10 +212,12 @@ def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -
     L = context_length_for_step(cfg, step, rng)
     overhead = len(builder.prefix) + 32 + cfg.answer_length
     B = max(1, cfg.tokens_per_batch // (L + overhead))
-    rows, answers = [], []
-    tasks = cfg.task_list
+    rows, answers, task_ids = [], [], []
+    tasks, weights = cfg.task_list, cfg.task_weight_list
     for i in range(B):
-        task = tasks[rng.randrange(len(tasks))]
+        t_id = rng.choices(range(len(tasks)), weights)[0]
+        task = tasks[t_id]
+        task_ids.append(t_id)
         ex = make_example(task, L, None, f"train.{cfg.seed}.{step}.{i}", enc, **task_kwargs(task, rng, L))
         rows.append(builder.prompt(ex))
         answers.append(builder.answer(ex.answer))
@@ -220,13 +242,15 @@ def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -
     idx = torch.where(masked, builder.tok.mask_id, idx)
     pos = (valid.cumsum(dim=1) - 1).clamp_min(0)
     return {"idx": idx, "pos": pos, "valid": valid, "target": target, "masked": masked, "p_mask": p_mask,
-            "n_maskable": maskable.sum(dim=1), "answer_length": torch.tensor(A), "context": torch.tensor(L)}
+            "n_maskable": maskable.sum(dim=1), "answer_length": torch.tensor(A), "context": torch.tensor(L),
+            "task": torch.tensor(task_ids)}
 
 
-def diffusion_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def diffusion_loss(model, batch: dict, n_tasks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LLaDA's loss: per sequence, the cross-entropy of the masked tokens weighted by 1/p, summed
     and divided by the number of maskable tokens (the answer length for SFT rows, the sequence
-    length for pretraining-style rows); the batch mean. Also the accuracy on masked answer tokens.
+    length for pretraining-style rows); the batch mean. Also the accuracy on masked answer tokens,
+    over the batch and per task (hits and counts, (n_tasks, 2)), to see which task is being learnt.
     """
     idx, pos, valid = batch["idx"], batch["pos"], batch["valid"]
     target, masked, p_mask = batch["target"], batch["masked"], batch["p_mask"]
@@ -239,8 +263,12 @@ def diffusion_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     loss = ((ce * msk) / p_mask[:, None]).sum(dim=1) / batch["n_maskable"]
     with torch.no_grad():
         ans = msk[:, -A:]
-        hit = ((logits[:, -A:].argmax(-1) == tgt[:, -A:]) & ans).sum() / ans.sum().clamp_min(1)
-    return loss.mean(), hit
+        row_hits = ((logits[:, -A:].argmax(-1) == tgt[:, -A:]) & ans).sum(dim=1)  # (B,)
+        hit = row_hits.sum() / ans.sum().clamp_min(1)
+        task = batch["task"] if n_tasks > 1 else torch.zeros_like(row_hits)
+        per_task = torch.zeros(n_tasks, 2, device=row_hits.device)
+        per_task.index_add_(0, task, torch.stack([row_hits, ans.sum(dim=1)], dim=1).float())
+    return loss.mean(), hit, per_task
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -322,7 +350,7 @@ measure what sparse prefill (Prefilling-dLLM) does to answers without downloadin
 
 ## Data
 Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded); tasks
-{', '.join(cfg.task_list)}, mixed uniformly; needle depth uniform in [0, 1]. The tasks:
+{', '.join(cfg.task_list)}, mixed {"with weights " + cfg.task_weights if cfg.task_weights else "uniformly"}; needle depth uniform in [0, 1]. The tasks:
 - `passkey`: "The pass key is NNNNN. Remember it. NNNNN is the pass key." in generated prose (4-6 digits).
 - `multikey_needle`: 1-6 needles "One of the special magic numbers for <adj-noun> is: NNNNNNN." plus
   0-3 distractors whose key shares a word with the asked key.
@@ -331,7 +359,8 @@ Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded
 Prompt: the LLaDA chat template of `pdllm.tokenizer` (`long_context_prompt`: instruction, plain
 context without per-chunk BOS, question), then an answer region of {cfg.answer_length} tokens (the
 answer's digits, then `<|endoftext|>` padding). Context length curriculum from {cfg.min_context} to
-{cfg.max_context} tokens over the first half of training; {cfg.tokens_per_batch} tokens per batch.
+{cfg.max_context} tokens over the first {cfg.curriculum_frac:.0%} of training ({cfg.long_frac:.0%} of batches at the
+current longest length, the rest uniform below it); {cfg.tokens_per_batch} tokens per batch.
 
 ## Training
 LLaDA SFT objective (prompt never masked; t ~ U(0,1) per sequence; answer tokens masked with
@@ -401,12 +430,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     values = {**(SMOKE if args.smoke else {})}
     values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     cfg = TrainConfig(**values)
+    if not (0 < cfg.curriculum_frac <= 1 and 0 <= cfg.long_frac <= 1):
+        ap.error("need 0 < curriculum_frac <= 1 and 0 <= long_frac <= 1")
     if cfg.max_context < cfg.min_context or cfg.min_context < 16:
         ap.error("need 16 <= min_context <= max_context")
     if cfg.d_model % cfg.n_heads:
         ap.error("d_model must be divisible by n_heads")
     try:
-        cfg.task_list
+        cfg.task_weight_list  # checks the task names too
     except ValueError as e:
         ap.error(str(e))
     return args, cfg
@@ -453,6 +484,7 @@ def main(argv=None) -> int:
 
     log, tokens_seen = [], 0
     run_loss, run_acc, run_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    run_task = torch.zeros(len(cfg.task_list), 2, device=device)  # masked answer hits, counts per task
     t_train = time.time()
     model.train()
     stopped_at = None
@@ -461,7 +493,7 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(cfg, step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, acc = diffusion_loss(model, batch)
+            loss, acc, per_task = diffusion_loss(model, batch, len(cfg.task_list))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -469,18 +501,21 @@ def main(argv=None) -> int:
         tokens_seen += batch["idx"].numel()
         run_loss += loss.detach()
         run_acc += acc
+        run_task += per_task
         run_n += 1
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:  # means since the last line
             lv, av = run_loss.item() / run_n, run_acc.item() / run_n
-            run_loss.zero_(), run_acc.zero_()
+            task_acc = {t: round(h / max(n, 1), 4) for t, (h, n) in zip(cfg.task_list, run_task.tolist())}
+            run_loss.zero_(), run_acc.zero_(), run_task.zero_()
             run_n = 0
             el = time.time() - t_train
             eta = el / (step + 1) * (cfg.steps - step - 1)
             rec = {"step": step, "loss": lv, "masked_acc": av, "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
-                   "context": int(batch["context"]), "batch": batch["idx"].shape[0], "elapsed_s": el}
+                   "context": int(batch["context"]), "batch": batch["idx"].shape[0], "elapsed_s": el,
+                   "masked_acc_by_task": task_acc}
             log.append(rec)
             print(f"step {step:5d}/{cfg.steps}  L={rec['context']:5d} B={rec['batch']:4d}  loss {lv:.4f}  "
-                  f"masked acc {av:.3f}  lr {rec['lr']:.2e}  |g| {rec['grad_norm']:.2f}  "
+                  f"masked acc {av:.3f} ({' '.join(f'{a:.2f}' for a in task_acc.values())})  lr {rec['lr']:.2e}  |g| {rec['grad_norm']:.2f}  "
                   f"{tokens_seen / max(el, 1e-9) / 1e3:.0f}K tok/s  eta {eta / 60:.1f} min", flush=True)
         if step < cfg.steps - 1 and time.time() - t_train > 60 * cfg.max_train_minutes:
             stopped_at = step + 1
