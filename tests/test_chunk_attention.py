@@ -213,3 +213,21 @@ def test_dispatch_through_pdllm_attention():
     ref_out, ref_lse = chunk_attention_reference(a["q"], a["k_pool"], a["v_pool"], a["kv_index"], a["kv_len"])
     assert_close(out, ref_out)
     assert math.isfinite(lse.sum().item())
+
+
+def test_configs_shrink_to_fit_shared_memory():
+    """A tuned config met by a call with more query rows or fp32 must still launch (H100: 227 KiB)."""
+    from pdllm.triton_kernels.chunk_attention import fit_shared_memory, max_shared_memory, shared_memory_bytes
+
+    h100 = 232448
+    # the two launches that failed on the H100 before this check (Triton's figures: 294912, 409728 bytes)
+    assert shared_memory_bytes(128, 128, 128, 4, 2) == 294912
+    assert shared_memory_bytes(16, 128, 128, 4, 4) >= 409728
+    tuned = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "num_splits": 1}
+    assert fit_shared_memory(tuned, 32, 128, 2, h100) == tuned  # fits as tuned: untouched
+    for block_m, elem in ((128, 2), (16, 4), (128, 4)):
+        fitted = fit_shared_memory(tuned, block_m, 128, elem, h100)
+        assert shared_memory_bytes(block_m, fitted["BLOCK_N"], 128, fitted["num_stages"], elem) <= h100
+        assert fitted["num_warps"] == 8 and fitted["num_splits"] == 1
+    assert fit_shared_memory(tuned, 128, 128, 4, None) == tuned  # the interpreter: no limit
+    assert max_shared_memory(torch.device("cpu")) is None

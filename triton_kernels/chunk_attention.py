@@ -230,6 +230,37 @@ def default_num_splits(base_programs: int, L: int, block_n: int, sms: int) -> in
     return max(1, min(want, cdiv(tiles, 4), 64))
 
 
+def shared_memory_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int, elem_bytes: int) -> int:
+    """What one program of the kernel asks of shared memory: (num_stages - 1) pipelined K and V
+    tiles, the Q tile, and P (S after softmax) twice for its layout change before the PV dot.
+    Checked against Triton's own figure on an H100 (bf16 and fp32, head_dim 128)."""
+    kv = (num_stages - 1) * 2 * block_n * head_dim
+    return elem_bytes * (kv + block_m * head_dim + 2 * block_m * block_n)
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """The per-program shared memory limit of this GPU (None in the interpreter: no limit)."""
+    if device.type != "cuda":
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
+def fit_shared_memory(cfg: dict, block_m: int, head_dim: int, elem_bytes: int, limit: int | None) -> dict:
+    """Shrink a config until one program fits in shared memory: fewer stages first, then smaller
+    key tiles. A tuned bucket can be the nearest one to a call with more query rows (a larger
+    BLOCK_M) or a wider dtype (fp32) than it was tuned for, and its config would not launch."""
+    cfg = dict(cfg)
+    while limit is not None and shared_memory_bytes(block_m, cfg["BLOCK_N"], head_dim, cfg["num_stages"],
+                                                    elem_bytes) > limit:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        else:
+            break
+    return cfg
+
+
 def launch_config(q, Hkv, L, config=None, num_splits=None):
     """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults)."""
     from pdllm.autotune.configs import get_config, rescale_splits
@@ -241,6 +272,7 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     cfg = dict(get_config("chunk_attention", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
     if config:
         cfg.update(config)
+    cfg = fit_shared_memory(cfg, block_m, D, q.element_size(), max_shared_memory(q.device))
     if num_splits is not None:
         cfg["num_splits"] = num_splits
     splits = cfg.get("num_splits")
