@@ -1,6 +1,8 @@
 """prefill.py: Prefilling-dLLM is the dense model with fewer chunks, and each step of the method."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -255,6 +257,15 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
                                generate(model, [req], gc, method=eager).tokens)
             for a, b in zip(graphed.logits, eager.logits):
                 assert_close(a, b, torch.float32)
+            # a method and its graphs (with their memory pools) go as soon as the method goes
+            gc.disable()
+            try:
+                graphs, method = weakref.ref(graphed.method.graph), weakref.ref(graphed.method)
+                assert graphs() is not None
+                del graphed
+                assert method() is None and graphs() is None
+            finally:
+                gc.enable()
     finally:
         model.to("cpu")
 

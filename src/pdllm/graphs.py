@@ -34,11 +34,14 @@ class StepGraph:
     """``fn(idx) -> logits`` captured for one input shape; ``graph(idx)`` replays it.
 
     ``fn`` must read everything else (positions, caches, index tables) from tensors whose storage
-    stays put while the graph is used; the returned logits tensor is overwritten by the next replay.
+    stays put while the graph is used (the graph holds ``fn``, so what its closure captures stays
+    alive); the returned logits tensor is overwritten by the next replay.
     """
 
     def __init__(self, fn, idx: torch.Tensor, key):
-        self.key, self.idx = key, idx.clone()
+        # Keep fn, and with it every tensor its closure holds (positions, write rows...): the graph
+        # reads their memory at each replay, and a freed tensor's memory is soon reused by others.
+        self.fn, self.key, self.idx = fn, key, idx.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS picks kernels

@@ -411,11 +411,12 @@ class Prefill:
         if self.graph is not None and self.graph.key == (start, end):
             return self.graph(idx)
         take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
-        self.cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
+        cache = self.cache  # not self: a captured graph keeps `step`, and self keeps the graph (a cycle)
+        cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
         pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
 
         def step(tokens):
-            return model(tokens, pos, cache=self.cache, logits_slice=slice(0, end - start))
+            return model(tokens, pos, cache=cache, logits_slice=slice(0, end - start))
 
         if self.cuda_graphs and graphs_available(x.device):
             self.graph = capture(step, idx, key=(start, end))

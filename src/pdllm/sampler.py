@@ -193,10 +193,11 @@ class DenseCache:
         if not refresh and self.graph is not None and self.graph.key == (q0, q1, start, end):
             return self.graph(x[:, q0:q1])
 
+        cache = self.cache  # not self: a captured graph keeps `step`, and self keeps the graph (a cycle)
+
         def step(tokens):
-            self.cache.window(q0)
-            return model(tokens, b.pos[:, q0:q1], cache=self.cache,
-                         logits_slice=slice(start - shift - q0, end - shift - q0))
+            cache.window(q0)
+            return model(tokens, b.pos[:, q0:q1], cache=cache, logits_slice=slice(start - shift - q0, end - shift - q0))
 
         if not refresh and self.cuda_graphs and graphs_available(x.device):
             self.graph = capture(step, x[:, q0:q1], key=(q0, q1, start, end))
