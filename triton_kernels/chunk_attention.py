@@ -270,9 +270,11 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     block_m = block_m_for(group * Tq)
     base = B * Hkv * cdiv(group * Tq, block_m)
     cfg = dict(get_config("chunk_attention", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
+    # The table's config may come from a bucket with fewer rows or a narrower dtype: fit it. An
+    # explicit config is taken as given (the tuner must see a misfit fail, not time another one).
+    cfg = fit_shared_memory(cfg, block_m, D, q.element_size(), max_shared_memory(q.device))
     if config:
         cfg.update(config)
-    cfg = fit_shared_memory(cfg, block_m, D, q.element_size(), max_shared_memory(q.device))
     if num_splits is not None:
         cfg["num_splits"] = num_splits
     splits = cfg.get("num_splits")
