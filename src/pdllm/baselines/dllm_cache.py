@@ -142,7 +142,9 @@ class DllmCache:
         v_old = cached.transpose(1, 2).reshape(B, n, -1)
         similarity = F.cosine_similarity(v_new.float(), v_old.float(), dim=-1)  # (B, n)
         k = int(self.rho * n)
-        rows = similarity.topk(k, dim=1, largest=False).indices.sort(dim=1).values + P
+        # a stable sort, not topk: rows that tie (untouched mask rows are all at 1.0) must be picked
+        # the same way whatever the batch around them, so the earliest rows win
+        rows = similarity.sort(dim=1, stable=True).indices[:, :k].sort(dim=1).values + P
         cached.copy_(v_new.view(B, n, cached.shape[1], -1).transpose(1, 2))
         return rows
 
