@@ -18,6 +18,7 @@ same run*. Throughput is output tokens only; NFE = number of model forwards of t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import subprocess
@@ -69,6 +70,7 @@ def run_one(model, request, method: str, steps: int = 32) -> dict:
 
     name, kwargs = METHODS[method]
     config = GenerationConfig(gen_length=32, block_length=32, steps=steps)
+    gc.collect()  # whatever an earlier run left in reference cycles must not count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     batch = request if isinstance(request, list) else [request]
