@@ -91,7 +91,7 @@ def main(argv=None):
     from pdllm.model import ModelConfig, build_random
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--contexts", type=int, nargs="*", default=[8192, 16384, 32768])
     p.add_argument("--long-contexts", type=int, nargs="*", default=[65536, 131072],
                    help="contexts where only the prefill methods (and dual while memory allows) run")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
