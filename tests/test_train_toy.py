@@ -125,3 +125,24 @@ def test_per_task_accuracy_adds_up_to_the_batch_accuracy(tok):
     torch.testing.assert_close(per_task[:, 0].sum() / per_task[:, 1].sum(), acc)
     for t in range(3):  # counts land on the right task
         assert per_task[t, 1] == b["masked"][b["task"] == t][:, -cfg.answer_length:].sum()
+
+
+def test_init_from_continues_from_a_checkpoint(tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["--out", str(first), "--smoke", "--device", "cpu"]) == 0
+    # learning rate 0 and no decay: the weights must come back exactly as they were loaded
+    assert main(["--out", str(again), "--smoke", "--device", "cpu", "--init-from", str(first), "--lr", "0.0"]) == 0
+    a, b = from_pretrained(first, torch.float32), from_pretrained(again, torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert "initialised from the weights of `first`" in (again / "README.md").read_text()
+
+
+def test_init_from_errors_name_the_problem(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "first"), "--smoke", "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit):  # a size flag that contradicts the checkpoint
+        main(["--out", str(tmp_path / "x"), "--smoke", "--init-from", str(tmp_path / "first"), "--d-model", "96"])
+    assert "--d-model 96 does not match the checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not a checkpoint
+        main(["--out", str(tmp_path / "x"), "--smoke", "--init-from", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert "--init-from" in err and "does not exist" in err

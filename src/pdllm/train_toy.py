@@ -6,6 +6,7 @@ trains it from scratch in a few minutes on one GPU:
 
     python -m pdllm.train_toy --out runs/toy --device cuda     (or: pdllm train-toy ...)
     python -m pdllm.train_toy --out /tmp/toy --smoke           (a few CPU steps, for tests)
+    python -m pdllm.train_toy --out runs/toy2 --init-from runs/toy ...   (go on training a checkpoint)
 
 Data: the three tasks of :mod:`pdllm.data.synthetic` (passkey, multi-key needle, kv lookup),
 mixed by ``task_weights`` (the log shows the masked-answer accuracy of each task), at random
@@ -369,7 +370,7 @@ length, batch mean){f"; {cfg.pretrain_frac:.0%} of sequences noised pretraining-
 {cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio:g} x, gradient clip {cfg.grad_clip},
 bf16 autocast on CUDA.
 
-- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps} planned: time limit)" if info['steps_done'] < cfg.steps else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
+{f"- initialised from the weights of `{Path(info['init_from']).name}` (a fresh optimizer); the steps below are this run's" + chr(10) if info.get('init_from') else ""}- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps} planned: time limit)" if info['steps_done'] < cfg.steps else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
 - final training loss (last 10% of steps): {info['final_loss']:.4f}; accuracy on masked answer tokens {info['final_masked_acc']:.3f}
 - wall time: {info['train_seconds'] / 60:.1f} min training, {info['total_seconds'] / 60:.1f} min in all, on {info['device_name']}
 - torch {torch.__version__}, Python {platform.python_version()}
@@ -418,6 +419,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few CPU steps (tests)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; smoke: cpu)")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from this toy checkpoint's weights (its sizes; a fresh optimizer): "
+                         "to train longer than one run allows, in several runs")
     fields = TrainConfig.__dataclass_fields__
     for name, f in fields.items():
         if name == "eval_lengths":
@@ -429,6 +433,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     args = ap.parse_args(argv)
     values = {**(SMOKE if args.smoke else {})}
     values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    if args.init_from:  # the model's sizes come from the checkpoint; a flag may only repeat them
+        from pdllm.model import load_config
+
+        try:
+            ckpt = load_config(Path(args.init_from))
+        except (OSError, ValueError) as e:
+            ap.error(f"--init-from {args.init_from}: {e}")
+        sizes = {"d_model": ckpt.d_model, "n_layers": ckpt.n_layers, "n_heads": ckpt.n_heads,
+                 "mlp_hidden": ckpt.mlp_hidden, "rope_theta": ckpt.rope_theta}
+        for name, value in sizes.items():
+            given = getattr(args, name)
+            if given is not None and given != value:
+                ap.error(f"--{name.replace('_', '-')} {given} does not match the checkpoint in --init-from "
+                         f"({value}); drop the flag or pass {value}")
+            values[name] = value
     cfg = TrainConfig(**values)
     if not (0 < cfg.curriculum_frac <= 1 and 0 <= cfg.long_frac <= 1):
         ap.error("need 0 < curriculum_frac <= 1 and 0 <= long_frac <= 1")
@@ -466,7 +485,14 @@ def main(argv=None) -> int:
                        rope_theta=cfg.rope_theta, max_positions=64 * math.ceil(max_seq / 64),
                        mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg)
+    if args.init_from:  # weights only: RoPE tables follow this run's max_positions
+        init = from_pretrained(args.init_from, dtype=torch.float32)
+        if init.cfg.vocab_size != mcfg.vocab_size or Tokenizer.from_dir(args.init_from).tk.to_str() != tok.tk.to_str():
+            raise SystemExit(f"--init-from {args.init_from}: its tokenizer is not the toy tokenizer this trainer builds")
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {args.init_from}", flush=True)
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: d={mcfg.d_model} layers={mcfg.n_layers} heads={mcfg.n_heads} mlp={mcfg.mlp_hidden} "
           f"vocab={mcfg.vocab_size} params={n_params / 1e6:.2f}M max_positions={mcfg.max_positions}", flush=True)
@@ -544,6 +570,7 @@ def main(argv=None) -> int:
             "total_seconds": time.time() - t_start, "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "final_masked_acc": sum(r["masked_acc"] for r in tail) / len(tail),
             "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'cpu'})",
+            "init_from": args.init_from,
             "command": "python -m pdllm.train_toy " + " ".join(shlex.quote(a) for a in
                                                                (sys.argv[1:] if argv is None else argv))}
     (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "model": asdict(mcfg), "info": info,
