@@ -20,7 +20,9 @@ def main(path: str):
     runs = [r for r in data["runs"] if "error" not in r]
     contexts = sorted({r["context_tokens"] for r in runs})
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    fig, axes = plt.subplots(1, len(contexts), figsize=(3.2 * len(contexts), 3.8), sharey=False)
+    batched = data.get("batched", [])
+    panels = len(contexts) + bool(batched)
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.8), sharey=False)
     for ax, n in zip(axes, contexts):
         rows = {r["method"]: r for r in runs if r["context_tokens"] == n}
         names = [m for m in methods if m in rows]
@@ -36,7 +38,16 @@ def main(path: str):
         ax.set_title(f"{n // 1024}K context", fontsize=9)
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     axes[0].set_ylabel("end-to-end seconds")
-    axes[-1].legend(fontsize=7)
+    axes[len(contexts) - 1].legend(fontsize=7)
+    if batched:  # output tokens/s of one batch of requests, and the split of its time
+        ax = axes[-1]
+        sizes = [str(r["batch"]) for r in batched]
+        ax.bar(sizes, [r["output_tokens_per_s"] for r in batched], color="tab:purple")
+        for i, r in enumerate(batched):
+            ax.text(i, r["output_tokens_per_s"], f"{r['score_s'] / r['total_s']:.0%} scoring", ha="center",
+                    va="bottom", fontsize=7)
+        ax.set_xlabel("batch size")
+        ax.set_title(f"{batched[0]['method']} at {batched[0]['context_tokens'] // 1024}K: output tok/s", fontsize=9)
     env = data["environment"]
     fig.suptitle(f"LLaDA-8B shape, gen 32 / block 32 / 32 steps, top-4 x 1024 — {env.get('gpu')}, "
                  f"torch {env['torch']}, triton {env['triton']} (speedup vs vanilla above bars)", fontsize=8)
