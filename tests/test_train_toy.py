@@ -146,3 +146,21 @@ def test_init_from_errors_name_the_problem(tmp_path, capsys):
         main(["--out", str(tmp_path / "x"), "--smoke", "--init-from", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert "--init-from" in err and "does not exist" in err
+
+
+def test_needle_knobs_pack_short_contexts_and_defaults_stay_put(tok):
+    import random as _random
+
+    from pdllm.train_toy import task_kwargs
+
+    rng = _random.Random(0)
+    assert all(task_kwargs("multikey_needle", rng, 64)["num_needles"] == 1 for _ in range(20))  # default: 64 // 48
+    packed = [task_kwargs("multikey_needle", rng, 64, needle_spacing=16, min_needles=2) for _ in range(50)]
+    assert {k["num_needles"] for k in packed} == {2, 3, 4}
+    assert all(k["num_needles"] + k["num_distractors"] <= 4 for k in packed)
+    cfg, _, b = _batch(tok, tasks="multikey_needle", min_needles=3, needle_spacing=16)
+    A = cfg.answer_length
+    for row in range(b["idx"].shape[0]):  # each packed example holds its needles and its answer
+        prompt = tok.decode(b["idx"][row, :-A][b["valid"][row, :-A]].tolist())
+        answer = tok.decode([t for t in b["target"][row, -A:].tolist() if t != tok.eos_id])
+        assert prompt.count("special magic numbers for") >= 3 and answer.isdigit() and answer in prompt

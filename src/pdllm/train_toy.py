@@ -81,6 +81,8 @@ class TrainConfig:
     curriculum_frac: float = 0.5  # the longest length is reached after this share of the steps
     long_frac: float = 0.5  # share of batches at the current longest length (the rest: uniform below it)
     answer_length: int = 32  # answer digits + EOS padding (= the default gen_length of the evals)
+    needle_spacing: int = 48  # multi-key: at most one needle per this many context tokens (a needle is ~18)
+    min_needles: int = 1  # multi-key: at least this many (2+: the one-needle shortcut, copy the only number, fails)
     tokens_per_batch: int = 65536
     pretrain_frac: float = 0.0  # share of sequences noised LLaDA-pretraining style (every token maskable)
     # optimisation
@@ -143,14 +145,15 @@ def context_length_for_step(cfg: TrainConfig, step: int, rng: random.Random) -> 
     return hi if rng.random() < cfg.long_frac else rng.randint(cfg.min_context, max(cfg.min_context, hi))
 
 
-def task_kwargs(task: str, rng: random.Random, context: int) -> dict:
+def task_kwargs(task: str, rng: random.Random, context: int, needle_spacing: int = 48, min_needles: int = 1) -> dict:
     """Vary the task parameters a little, so the model learns the tasks, not one instance.
-    Short contexts get fewer multi-key needles (each is ~18 tokens), so they stay mostly haystack."""
+    Short contexts get fewer multi-key needles (one per ``needle_spacing`` tokens; each is ~18), so
+    by default they stay mostly haystack."""
     if task == "passkey":
         return {"passkey_digits": rng.choice((4, 5, 5, 6))}
     if task == "multikey_needle":
-        most = max(1, min(9, context // 48))
-        n = rng.randint(1, min(6, most))
+        most = max(min_needles, min(9, context // needle_spacing))
+        n = rng.randint(min(min_needles, 6), max(min_needles, min(6, most)))
         return {"num_needles": n, "num_distractors": rng.randint(0, min(3, most - n))}
     return {"key_style": "uuid" if rng.random() < 0.25 else "words", "value_digits": rng.choice((5, 6, 6, 7))}
 
@@ -219,7 +222,8 @@ def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -
         t_id = rng.choices(range(len(tasks)), weights)[0]
         task = tasks[t_id]
         task_ids.append(t_id)
-        ex = make_example(task, L, None, f"train.{cfg.seed}.{step}.{i}", enc, **task_kwargs(task, rng, L))
+        kwargs = task_kwargs(task, rng, L, cfg.needle_spacing, cfg.min_needles)
+        ex = make_example(task, L, None, f"train.{cfg.seed}.{step}.{i}", enc, **kwargs)
         rows.append(builder.prompt(ex))
         answers.append(builder.answer(ex.answer))
     A, P = cfg.answer_length, max(map(len, rows))
@@ -353,8 +357,8 @@ measure what sparse prefill (Prefilling-dLLM) does to answers without downloadin
 Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded); tasks
 {', '.join(cfg.task_list)}, mixed {"with weights " + cfg.task_weights if cfg.task_weights else "uniformly"}; needle depth uniform in [0, 1]. The tasks:
 - `passkey`: "The pass key is NNNNN. Remember it. NNNNN is the pass key." in generated prose (4-6 digits).
-- `multikey_needle`: 1-6 needles "One of the special magic numbers for <adj-noun> is: NNNNNNN." plus
-  0-3 distractors whose key shares a word with the asked key.
+- `multikey_needle`: {cfg.min_needles}-6 needles "One of the special magic numbers for <adj-noun> is: NNNNNNN."
+  (at most one per {cfg.needle_spacing} context tokens) plus 0-3 distractors whose key shares a word with the asked key.
 - `kv_lookup`: lines "<key>: <value>" (word-pair keys, or 25% uuid-like keys), 5-7 digit values.
 
 Prompt: the LLaDA chat template of `pdllm.tokenizer` (`long_context_prompt`: instruction, plain
@@ -449,6 +453,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
                          f"({value}); drop the flag or pass {value}")
             values[name] = value
     cfg = TrainConfig(**values)
+    if cfg.needle_spacing < 1 or not 1 <= cfg.min_needles <= 6:
+        ap.error("need needle_spacing >= 1 and 1 <= min_needles <= 6")
     if not (0 < cfg.curriculum_frac <= 1 and 0 <= cfg.long_frac <= 1):
         ap.error("need 0 < curriculum_frac <= 1 and 0 <= long_frac <= 1")
     if cfg.max_context < cfg.min_context or cfg.min_context < 16:
