@@ -164,3 +164,18 @@ def test_needle_knobs_pack_short_contexts_and_defaults_stay_put(tok):
         prompt = tok.decode(b["idx"][row, :-A][b["valid"][row, :-A]].tolist())
         answer = tok.decode([t for t in b["target"][row, -A:].tolist() if t != tok.eos_id])
         assert prompt.count("special magic numbers for") >= 3 and answer.isdigit() and answer in prompt
+
+
+def test_embedding_init(tok):
+    from pdllm.train_toy import init_for_training
+
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=1, n_heads=1, n_kv_heads=1, mlp_hidden=64,
+                       mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(0)
+    model = Transformer(mcfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    init_for_training(model, 0.02)  # the constructor's init: untouched (older models stay reproducible)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    init_for_training(model, 1.0)
+    assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.05
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "tok_emb.weight")
