@@ -282,10 +282,10 @@ def init_for_training(model: Transformer, embedding_std: float):
     """Token embeddings N(0, embedding_std); everything else as ``Transformer.init_weights``.
 
     Why not 0.02 everywhere (LLaDA's init): with tiny embeddings a small model did not learn to
-    find a value by its key. On multi-query associative recall (4 key-value pairs, 4 layers, d 128)
-    pdllm's model stayed at 0.3-0.4 exact after 4250 steps with embeddings N(0, 0.02), and solved
-    it (0.95) by step 3000 with N(0, 1); the toy models trained with 0.02 copy digits after a needle
-    but never pick the needle by its key (benchmarks/results/README.md).
+    find a value by its key. On multi-query associative recall (benchmarks/probe_mqar_init.py: 4
+    pairs, 4 layers, d 128) pdllm's model stayed at 0.33-0.47 exact through 5000 steps with
+    embeddings N(0, 0.02) and reached 0.98 with N(0, 1); the toy models trained with 0.02 copy
+    digits after a needle but never pick the needle by its key (benchmarks/results/README.md).
 
     The constructor has drawn N(0, 0.02) already; only another std re-draws the embeddings, so that
     ``--embedding-std 0.02`` reproduces the models trained before this option existed."""
