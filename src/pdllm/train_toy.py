@@ -220,7 +220,8 @@ def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -
     rows, answers, task_ids = [], [], []
     tasks, weights = cfg.task_list, cfg.task_weight_list
     for i in range(B):
-        t_id = rng.choices(range(len(tasks)), weights)[0]
+        # equal weights draw as before task weights existed, so older runs stay reproducible
+        t_id = rng.randrange(len(tasks)) if len(set(weights)) == 1 else rng.choices(range(len(tasks)), weights)[0]
         task = tasks[t_id]
         task_ids.append(t_id)
         kwargs = task_kwargs(task, rng, L, cfg.needle_spacing, cfg.min_needles)
