@@ -243,6 +243,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    INIT_STD = 0.02  # LLaDA's init: N(0, 0.02) for every matrix
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -256,7 +258,7 @@ class Transformer(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+    def init_weights(self, std: float = INIT_STD, generator: torch.Generator | None = None):
         """Normal(0, std) for matrices, ones for norms, zeros for biases (also on a GPU after to_empty)."""
         for name, p in self.named_parameters():
             if p.device.type == "meta":

@@ -290,7 +290,7 @@ def init_for_training(model: Transformer, embedding_std: float):
 
     The constructor has drawn N(0, 0.02) already; only another std re-draws the embeddings, so that
     ``--embedding-std 0.02`` reproduces the models trained before this option existed."""
-    if embedding_std != 0.02:
+    if embedding_std != Transformer.INIT_STD:
         torch.nn.init.normal_(model.tok_emb.weight, 0.0, embedding_std)
 
 
