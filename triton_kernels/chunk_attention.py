@@ -25,6 +25,7 @@ Entries of kv_index past kv_len are never read, so they may hold garbage.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -242,7 +243,12 @@ def max_shared_memory(device: torch.device) -> int | None:
     """The per-program shared memory limit of this GPU (None in the interpreter: no limit)."""
     if device.type != "cuda":
         return None
-    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    return _max_shared_memory(device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(index: int) -> int:  # asked once per GPU, not at every launch
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def fit_shared_memory(cfg: dict, block_m: int, head_dim: int, elem_bytes: int, limit: int | None) -> dict:
