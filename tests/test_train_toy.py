@@ -179,3 +179,16 @@ def test_embedding_init(tok):
     init_for_training(model, 1.0)
     assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.05
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "tok_emb.weight")
+
+
+def test_full_mask_rows_hide_the_whole_answer(tok):
+    cfg, _, b = _batch(tok, full_mask_frac=1.0)
+    A = cfg.answer_length
+    assert b["masked"][:, -A:].all() and not b["masked"][:, :-A].any()
+    assert torch.allclose(b["p_mask"], torch.ones_like(b["p_mask"]))  # loss weight 1/p = 1
+    # the default (0) draws nothing extra: its batches are those of the runs before the knob
+    _, _, plain = _batch(tok)
+    _, _, zero = _batch(tok, full_mask_frac=0.0)
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    _, _, half = _batch(tok, full_mask_frac=0.5)
+    assert half["masked"][:, -A:].all(dim=1).any() and not half["masked"][:, -A:].all(dim=1).all()
