@@ -116,6 +116,19 @@ def test_split_count_does_not_change_result(p, splits):
     assert_close(lses.nan_to_num(neginf=0.0), lse1.nan_to_num(neginf=0.0), dtype=torch.float32)
 
 
+@given(p=problems(), splits=st.integers(2, 8))
+def test_split_combine_leaves_its_counters_at_zero(p, splits):
+    """The last split of each group combines the partials and resets the group's ticket counter,
+    so back-to-back launches (and CUDA-graph replays) see a clean counter and agree bit for bit."""
+    from pdllm.triton_kernels.chunk_attention import split_counters
+
+    q, k_pool, v_pool, index, kv_len = make_inputs(p)
+    out1, lse1 = chunk_attention(q, k_pool, v_pool, index, kv_len, num_splits=splits)
+    out2, lse2 = chunk_attention(q, k_pool, v_pool, index, kv_len, num_splits=splits)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    assert (split_counters(q.device, 1) == 0).all()
+
+
 @given(p=problems(), splits=st.one_of(st.none(), st.integers(1, 8)))
 def test_whole_pool_equals_dense_attention(p, splits):
     """Selecting every pool row (in pool order) is plain dense attention over the pool."""

@@ -11,9 +11,13 @@ selected byte three times; this kernel reads each selected K/V row once, straigh
 
 Why split-KV: with 32 query rows and one program per (batch row, KV head), an LLaDA-8B layer
 launches only 32 programs for 132 SMs. Like flash-decoding, the logical key axis of each row is
-cut into ``num_splits`` parts, each program computes a partial (out, lse) over its part, and a
-second small kernel combines the parts with their log-sum-exps. With one split the first kernel
-writes the final result directly and the second one is skipped.
+cut into ``num_splits`` parts and each program computes a partial (out, lse) over its part.
+The parts are combined with their log-sum-exps by the program of each (row, head) group that
+finishes last, in the same launch: every program writes its partial, then takes a ticket from
+a per-group counter (an atomic add); the one that draws the last ticket reads the others'
+partials (still in L2) and writes the result. A separate combine kernel would cost a second
+launch and a pass of its own: at 4K selected keys per head, a fifth of the kernel's time. With
+one split a program writes the final result directly.
 
 Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
 are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
@@ -33,7 +37,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): scores are kept in base 2 so the kernel can use exp2
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernel: lse back to natural log
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,19 +54,23 @@ def next_pow2(x: int) -> int:
 
 @triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_ls", "stride_lb", "stride_lh"])
 def _chunk_attention_fwd(
-    Q, K, V, KV_INDEX, KV_LEN, O, LSE,
+    Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
+    O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) fp32, (S, B, H, Tq) base 2, one int32 per group
     qk_scale,  # softmax scale * log2(e)
     Hkv, group, Tq, L, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kh, stride_kp, stride_kd,
     stride_vh, stride_vp, stride_vd,
     stride_ib, stride_il,
-    stride_os, stride_ob, stride_oh, stride_ot, stride_od,
-    stride_ls, stride_lb, stride_lh, stride_lt,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    stride_ps, stride_pb, stride_ph, stride_pt, stride_pd,
+    stride_qs, stride_qlb, stride_qlh, stride_qlt,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows (of all heads of the group) per program
     BLOCK_N: tl.constexpr,  # keys per tile of the loop
-    PARTIAL: tl.constexpr,  # True: write this split's normalised out and base-2 lse for the combine
+    SPLIT: tl.constexpr,  # num_splits > 1: write a partial, the last program of the group combines
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for fp16/bf16
 ):
     pid_s = tl.program_id(0)  # which split of the key axis
@@ -126,44 +134,48 @@ def _chunk_attention_fwd(
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse2 = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
-    if not PARTIAL:
-        lse2 = lse2 * 0.6931471805599453  # final lse in natural log
-    o_ptrs = O + pid_s * stride_os + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
-    tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + t * stride_lt, lse2, mask=row_valid)
-
-
-@triton.jit(do_not_specialize=["num_splits", "num_rows"])
-def _combine_splits(
-    O_PART, LSE_PART, OUT, LSE,
-    num_splits, num_rows,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
-    ROWS: tl.constexpr,  # query rows per program
-):
-    """out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s).
-
-    Partials are contiguous: O_PART (S, R, D) fp32 and LSE_PART (S, R) base-2 fp32, where R runs
-    over (b, h, t) in the order of the contiguous (B, H, Tq, D) output.
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    split_valid = offs_s < num_splits
-    for i in range(ROWS):
-        r = tl.program_id(0) * ROWS + i
-        if r < num_rows:
-            lse_s = tl.load(LSE_PART + offs_s * num_rows + r, mask=split_valid, other=float("-inf"))
-            m = tl.max(lse_s, 0)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights all 0
-            w = tl.exp2(lse_s - m_safe)
-            denom = tl.sum(w, 0)
-            o = tl.load(O_PART + (offs_s[:, None] * num_rows + r).to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=split_valid[:, None], other=0.0)
-            denom_safe = tl.where(denom > 0.0, denom, 1.0)
-            out = tl.sum(o * w[:, None], 0) / denom_safe
-            lse = tl.where(denom > 0.0, (m_safe + tl.log2(denom_safe)) * 0.6931471805599453, float("-inf"))
-            tl.store(OUT + r.to(tl.int64) * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty))
-            tl.store(LSE + r, lse)
+    lse2 = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))  # base 2
+    row_off = b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
+    lse_off = b * stride_lb + h * stride_lh + t * stride_lt
+    if not SPLIT:
+        tl.store(OUT + row_off, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(LSE + lse_off, lse2 * LN2, mask=row_valid)
+    else:
+        part_off = b * stride_pb + h[:, None] * stride_ph + t[:, None] * stride_pt + offs_d[None, :] * stride_pd
+        lse_part_off = b * stride_qlb + h * stride_qlh + t * stride_qlt
+        tl.store(O_PART + pid_s * stride_ps + part_off, out, mask=row_valid[:, None])
+        tl.store(LSE_PART + pid_s * stride_qs + lse_part_off, lse2, mask=row_valid)
+        # Publish the partial, then take a ticket. The barrier orders every thread's stores before
+        # the release of the one thread that does the atomic; the acquire makes the partials
+        # of the programs with earlier tickets visible to the one with the last.
+        tl.debug_barrier()
+        counter = COUNTERS + pid_bh * tl.num_programs(2) + pid_m
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:  # every other split of this group is done: combine them
+            tl.store(counter, 0)  # ready for the next launch (and for CUDA-graph replays)
+            # out = sum_s w_s out_s with w_s = 2^(lse_s - lse), lse = log2 sum_s 2^lse_s. The
+            # weights come first, from all splits' lse at once, so that the loop over the partial
+            # outputs has no dependency between iterations and its loads are pipelined (this
+            # combine sits at the end of the kernel's critical path). Loads go through L2 (.cg),
+            # never a stale L1 line. A split without keys has lse -inf and weight 0.
+            offs_s = tl.arange(0, BLOCK_S)
+            lse_all = tl.load(LSE_PART + offs_s[:, None] * stride_qs + lse_part_off[None, :],
+                              mask=(offs_s[:, None] < num_splits) & row_valid[None, :], other=float("-inf"),
+                              cache_modifier=".cg")  # (BLOCK_S, BLOCK_M)
+            m_c = tl.max(lse_all, 0)
+            m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)  # no keys in any split: weights 0
+            w_all = tl.exp2(lse_all - m_safe[None, :])
+            l_c = tl.sum(w_all, 0)
+            acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            for s in tl.range(0, num_splits, num_stages=3):
+                w = tl.sum(tl.where(offs_s[:, None] == s, w_all, 0.0), 0)  # column s of w_all
+                o_s = tl.load(O_PART + s * stride_ps + part_off, mask=row_valid[:, None], other=0.0,
+                              cache_modifier=".cg")
+                acc_c += o_s * w[:, None]
+            has_any = l_c > 0.0
+            l_c_safe = tl.where(has_any, l_c, 1.0)
+            tl.store(OUT + row_off, (acc_c / l_c_safe[:, None]).to(OUT.dtype.element_ty), mask=row_valid[:, None])
+            tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float("-inf")), mask=row_valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +305,22 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     return cfg
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The int32 ticket counters of the split combine, all 0 between launches (the last program
+    of each group resets its own). One buffer per (device, stream): launches on one stream run one
+    after another, so they can share it; two streams get two buffers. Grown, never shrunk."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=None, config=None):
     """Attention of q (B, H, Tq, D) over pool rows ``kv_index[b, :kv_len[b]]``.
 
@@ -310,31 +338,28 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
 
     cfg = launch_config(q, Hkv, L, config, num_splits)
     S, block_m = cfg["num_splits"], cfg["BLOCK_M"]
-    if S > 1:  # partial results in fp32, combined below
+    grid = (S, B * Hkv, cdiv(group * Tq, block_m))
+    if S > 1:  # partial results in fp32, combined in the kernel by the last split of each group
         o_part = torch.empty((S, B, H, Tq, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((S, B, H, Tq), dtype=torch.float32, device=q.device)
-    else:
-        o_part, lse_part = out[None], lse[None]
-    grid = (S, B * Hkv, cdiv(group * Tq, block_m))
+        counters = split_counters(q.device, grid[1] * grid[2])
+    else:  # never read: the kernel writes out and lse directly
+        o_part, lse_part, counters = out[None], lse[None], kv_len
     _chunk_attention_fwd[grid](
-        q, k_pool, v_pool, kv_index, kv_len, o_part, lse_part,
+        q, k_pool, v_pool, kv_index, kv_len, out, lse,
+        o_part, lse_part, counters,
         scale * LOG2E,
         Hkv, group, Tq, L, S,
         *q.stride(),
         *k_pool.stride(),
         *v_pool.stride(),
         *kv_index.stride(),
+        *out.stride(),
+        *lse.stride(),
         *o_part.stride(),
         *lse_part.stride(),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], PARTIAL=S > 1,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=S > 1, BLOCK_S=next_pow2(S),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if S > 1:
-        rows = B * H * Tq
-        rows_per_program = 4
-        _combine_splits[(cdiv(rows, rows_per_program),)](
-            o_part, lse_part, out, lse, S, rows,
-            HEAD_DIM=D, BLOCK_S=next_pow2(S), ROWS=rows_per_program, num_warps=4,
-        )
     return out, lse
