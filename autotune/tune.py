@@ -13,7 +13,9 @@ it builds a realistic problem (one batch row, about 32 query heads, the selected
 
 Each candidate is first checked against the reference of pdllm.attention with the tolerance of
 pdllm.testing (a candidate that fails to compile or disagrees is dropped and reported), then
-timed with triton.testing.do_bench (median, L2 flushed between runs). The winners go to
+timed with triton.testing.do_bench_cudagraph (median; launches replayed from a CUDA graph, as
+the model's decode steps are, so that host launch overhead does not decide between configs; no
+L2 flush: buckets whose selected K/V fit in L2 time a little fast, for every config alike). The winners go to
 ``<out-dir>/<device_key>.json`` (merged with the buckets already there) together with the device,
 driver, torch and triton versions and the date. ``--budget-s`` stops starting new buckets after
 that many seconds, so a sweep always ends with a valid file.
@@ -57,7 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--num-stages", default="2,3,4")
     p.add_argument("--num-splits", default="1,2,4,8,16,32")
     p.add_argument("--heads", type=int, default=TOTAL_HEADS, help="about this many query heads (Hkv = heads // group)")
-    p.add_argument("--warmup-ms", type=float, default=5.0)
     p.add_argument("--rep-ms", type=float, default=25.0)
     p.add_argument("--budget-s", type=float, default=None, help="start no new bucket after this many seconds")
     p.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
@@ -87,12 +88,14 @@ def make_problem(kv_len, q_rows, head_dim, group, dtype, device, heads=TOTAL_HEA
     return [t.to(device) for t in (q, k_pool, v_pool, index.contiguous(), kv_len_t)]
 
 
-def bench(fn, device, warmup_ms, rep_ms) -> float:
-    """Median milliseconds: do_bench on CUDA, a host clock in the interpreter."""
+def bench(fn, device, rep_ms) -> float:
+    """Median milliseconds per call: CUDA-graph replays on a GPU, a host clock in the interpreter.
+    (do_bench's launch-by-launch timing is host-bound below ~16K keys: it cannot rank configs.)"""
     if device == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench_cudagraph
 
-        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        fn()  # compile and warm up outside the capture
+        return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -122,7 +125,7 @@ def _try(fn, check, device, args):
     why = check(result)
     if why:
         return None, why
-    return bench(fn, device, args.warmup_ms, args.rep_ms), None
+    return bench(fn, device, args.rep_ms), None
 
 
 def _fastest(configs, run):
