@@ -240,21 +240,21 @@ def test_prefill_needs_structured_prompts_and_a_context(llada):
 def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
     model = request.getfixturevalue(model_name).to("cuda")
     try:
-        gc = GenerationConfig(gen_length=16, block_length=8, steps=16)
+        gen = GenerationConfig(gen_length=16, block_length=8, steps=16)  # not `gc`: the module is used below
         for req in (request_of(model, 45, seed=0), request_of(model, 30, seed=1)):
             dense, sparse = Recorder(make_method("dual")), Recorder(Prefill(**DENSE_EQUIVALENT))
-            assert torch.equal(generate(model, [req], gc, method=sparse).tokens,
-                               generate(model, [req], gc, method=dense).tokens)
+            assert torch.equal(generate(model, [req], gen, method=sparse).tokens,
+                               generate(model, [req], gen, method=dense).tokens)
             for a, b in zip(sparse.logits, dense.logits):
                 assert_close(a, b, torch.float16)  # fp32 on the GPU: TF32-free kernel vs cuBLAS/SDPA
-        out = generate(model, [request_of(model, 45)], gc, method="prefill", chunk_size=8, top_k=2,
+        out = generate(model, [request_of(model, 45)], gen, method="prefill", chunk_size=8, top_k=2,
                        token_capacity=5, score="attention")
         assert (out.tokens != model.cfg.mask_id).all()
         for name, kwargs in (("prefill", dict(chunk_size=8, top_k=2)), ("dual", {}), ("prefix", {})):
             graphed, eager = Recorder(make_method(name, **kwargs)), Recorder(make_method(name, cuda_graphs=False, **kwargs))
             req = request_of(model, 45)
-            assert torch.equal(generate(model, [req], gc, method=graphed).tokens,
-                               generate(model, [req], gc, method=eager).tokens)
+            assert torch.equal(generate(model, [req], gen, method=graphed).tokens,
+                               generate(model, [req], gen, method=eager).tokens)
             for a, b in zip(graphed.logits, eager.logits):
                 assert_close(a, b, torch.float32)
             # a method and its graphs (with their memory pools) go as soon as the method goes
