@@ -15,6 +15,8 @@ def test_eval_grid_and_ablations(llada_dir, tmp_path):
     cell = report["grid"]["prefill"]["passkey"]["160"]["1.0"]
     assert cell["n"] == 1 and 0.0 <= cell["accuracy"] <= 1.0
     assert [r["label"] for r in report["ablations"]["top_k"]] == ["k=1", "k=2", "k=4", "k=8", "k=16"]
+    dense = report["ablations"]["dense"]  # the dense model on the ablation's own examples
+    assert set(dense["tasks"]) == set(report["ablation_tasks"]) and 0 <= dense["accuracy"] <= 1
     assert (out / "heatmaps.png").stat().st_size > 0 and (out / "ablation_top_k.png").exists()
 
 

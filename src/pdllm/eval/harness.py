@@ -29,6 +29,9 @@ DEFAULT_PREFILL = dict(chunk_size=64, top_k=4)  # the toy model's chunk size: 16
 ABLATIONS = {  # name -> list of (label, prefill overrides)
     "chunk_bos": [("bos", dict(chunk_bos=True)), ("no_bos", dict(chunk_bos=False))],
     "top_k": [(f"k={k}", dict(top_k=k)) for k in (1, 2, 4, 8, 16)],
+    # Two knobs: K without BOS anchors. With every chunk kept and no anchors, prefill is the dense
+    # model again (continuous positions then have no gaps), so k=16 here should match the dense line.
+    "top_k_no_bos": [(f"k={k}", dict(top_k=k, chunk_bos=False)) for k in (1, 2, 4, 8, 16)],
     "chunk_size": [(f"chunk={c}", dict(chunk_size=c, top_k=max(1, 256 // c))) for c in (32, 64, 128)],
     "token_capacity": [(f"cap={c}", dict(token_capacity=c)) for c in (None, 48, 32, 16)],
     "score": [("attention", dict(score="attention")), ("draft", dict(score="draft"))],
@@ -75,10 +78,13 @@ def run_grid(model, tok, tasks, lengths, depths, n, methods, gen, batch_size, pr
 
 
 def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which) -> dict:
+    """Each setting of ``which`` on the same examples, and the dense model (``vanilla``) on them
+    too (key ``"dense"``), so that every setting reads as a share of dense accuracy."""
     from pdllm.data.synthetic import make_examples
 
     examples = {t: make_examples(t, n, length, seed="ablation", tokenizer=tok.tk) for t in tasks}
-    results = {}
+    dense = {t: synthetic_accuracy(model, tok, ex, gen, "vanilla", batch_size) for t, ex in examples.items()}
+    results = {"dense": {"accuracy": sum(r["accuracy"] for r in dense.values()) / len(dense), "tasks": dense}}
     settings = [(name, label, over) for name in which for label, over in ABLATIONS[name]]
     for name, label, over in tqdm(settings, desc="ablations", unit="setting"):
         kwargs = {**prefill, **over}
@@ -144,7 +150,10 @@ def plot_ablation(ablations: dict, name: str, out: Path):
 
     rows = ablations[name]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["label"] for r in rows], [r["accuracy"] for r in rows], marker="o")
+    ax.plot([r["label"] for r in rows], [r["accuracy"] for r in rows], marker="o", label="prefill")
+    if "dense" in ablations:
+        ax.axhline(ablations["dense"]["accuracy"], color="gray", linestyle="--", label="dense (vanilla)")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy (mean over tasks)")
     ax.set_title(f"Prefilling-dLLM: accuracy vs {name}")
@@ -229,7 +238,9 @@ def main(argv=None) -> int:
         report["ablation_tasks"] = ablation_tasks
         report["ablations"] = run_ablations(model, tok, ablation_tasks, lengths[-1], args.ablation_n, gen,
                                             args.batch_size, prefill, which)
-        for name, rows in report["ablations"].items():
+        print(f"dense (vanilla) on the ablation examples: {report['ablations']['dense']['accuracy']:.3f}")
+        for name in which:
+            rows = report["ablations"][name]
             print(name, "  ".join(f"{r['label']}: {r['accuracy']:.3f}" for r in rows))
             plot_ablation(report["ablations"], name, args.out / f"ablation_{name}.png")
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
