@@ -70,7 +70,7 @@ def _chunk_attention_fwd(
     BLOCK_M: tl.constexpr,  # query rows (of all heads of the group) per program
     BLOCK_N: tl.constexpr,  # keys per tile of the loop
     SPLIT: tl.constexpr,  # num_splits > 1: write a partial, the last program of the group combines
-    BLOCK_S: tl.constexpr,  # a power of two >= num_splits (the combine's lse tile)
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for fp16/bf16
 ):
     pid_s = tl.program_id(0)  # which split of the key axis
@@ -358,7 +358,7 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
         *lse.stride(),
         *o_part.stride(),
         *lse_part.stride(),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=S > 1, BLOCK_S=max(16, next_pow2(S)),  # one compiled variant for up to 16 splits
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=S > 1, BLOCK_S=next_pow2(S),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
