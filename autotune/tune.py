@@ -94,7 +94,6 @@ def bench(fn, device, rep_ms) -> float:
     if device == "cuda":
         from triton.testing import do_bench_cudagraph
 
-        fn()  # compile and warm up outside the capture
         return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     times = []
     for _ in range(3):
