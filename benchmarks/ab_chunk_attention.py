@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, inputs, needed_bytes, rotating_time_ms  # noqa: E402
+from conftest import copy_gbps as measure_copy_gbps  # noqa: E402
 
 
 def load_module(path: Path, name: str):
@@ -48,12 +49,7 @@ def main():
     versions.update({f.stem: load_module(f, f"chunk_attention_{i}") for i, f in enumerate(args.also)})
     versions["current"] = current
     base_cfg = json.loads(args.config)
-    from triton.testing import do_bench
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * 2**30 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9  # as conftest
-    del src, dst
+    copy_gbps = measure_copy_gbps()  # the rate `pytest --benchmark` reports against
     rows = []
     for case in [c for c in CASES if c.name in args.cases.split(",")]:
         q, k_cache, v_cache, index, kv_len = inputs(case)

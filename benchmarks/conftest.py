@@ -54,6 +54,16 @@ def bench_results():
     return RESULTS
 
 
+def copy_gbps(n: int = 2**30) -> float:
+    """Bytes read + written per second by an n-byte device-to-device copy (do_bench median)."""
+    from triton.testing import do_bench
+
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
 @pytest.fixture(scope="session")
 def gpu_ceilings():
     """Copy bandwidth (bytes read + written by a 1 GiB device-to-device copy) and bf16 matmul
@@ -63,12 +73,7 @@ def gpu_ceilings():
     from triton.testing import do_bench
 
     if not CEILINGS:
-        n = 2**30
-        src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-        CEILINGS["copy_gbps"] = 2 * n / (ms * 1e-3) / 1e9
-        del src, dst
+        CEILINGS["copy_gbps"] = copy_gbps()
         m = 8192
         a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
         b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
