@@ -86,7 +86,7 @@ class TrainConfig:
     min_needles: int = 1  # multi-key: at least this many (2+: the one-needle shortcut, copy the only number, fails)
     tokens_per_batch: int = 65536
     pretrain_frac: float = 0.0  # share of sequences noised LLaDA-pretraining style (every token maskable)
-    full_mask_frac: float = 0.0  # share of SFT sequences whose whole answer is masked (t = 1); see make_batch
+    full_mask_frac: float = 0.0  # share of SFT sequences whose whole answer is masked (t = 1); see make_train_batch
     # optimisation
     steps: int = 4000
     lr: float = 1e-3
@@ -396,7 +396,7 @@ current longest length, the rest uniform below it); {cfg.tokens_per_batch} token
 ## Training
 LLaDA SFT objective (prompt never masked; t ~ U(0,1) per sequence; answer tokens masked with
 probability t; cross-entropy on masked tokens weighted by 1/t, per sequence over the answer
-length, batch mean){f"; {cfg.pretrain_frac:.0%} of sequences noised pretraining-style instead (every token maskable, divided by the sequence length)" if cfg.pretrain_frac > 0 else ""}{f"; {cfg.full_mask_frac:.0%} of answer-masked sequences with the whole answer masked (t = 1)" if cfg.full_mask_frac > 0 else ""}. AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr},
+length, batch mean){f"; {cfg.pretrain_frac:.0%} of sequences noised pretraining-style instead (every token maskable, divided by the sequence length)" if cfg.pretrain_frac > 0 else ""}{f"; {cfg.full_mask_frac:.0%} of SFT sequences with the whole answer masked (t = 1)" if cfg.full_mask_frac > 0 else ""}. AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr},
 {cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio:g} x, gradient clip {cfg.grad_clip},
 bf16 autocast on CUDA.
 
