@@ -14,8 +14,11 @@ it builds a realistic problem (one batch row, about 32 query heads, the selected
 Each candidate is first checked against the reference of pdllm.attention with the tolerance of
 pdllm.testing (a candidate that fails to compile or disagrees is dropped and reported), then
 timed with triton.testing.do_bench_cudagraph (median; launches replayed from a CUDA graph, as
-the model's decode steps are, so that host launch overhead does not decide between configs; no
-L2 flush: buckets whose selected K/V fit in L2 time a little fast, for every config alike). The winners go to
+the model's decode steps are, so that host launch overhead does not decide between configs). As in
+the model, where consecutive attention calls read different layers, one timed call runs the kernel
+on each of several copies of the pool, enough that their selected K/V is 4x the L2 cache: a
+bucket that fits in L2 would otherwise rank configs by how well they use L2 hits, which the model
+never sees (and would favour configs with too few loads in flight). The winners go to
 ``<out-dir>/<device_key>.json`` (merged with the buckets already there) together with the device,
 driver, torch and triton versions and the date. ``--budget-s`` stops starting new buckets after
 that many seconds, so a sweep always ends with a valid file.
@@ -71,8 +74,20 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
+def pool_copies(kv_len, hkv, head_dim, dtype, device) -> int:
+    """Copies of the pool (like layers of a model) whose selected K/V together are >= 4x the L2
+    cache, at most 8: timed back to back, no call finds the previous call's K/V in L2."""
+    if device != "cuda":
+        return 1
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    selected = 2 * kv_len * hkv * head_dim * dtype.itemsize
+    return max(1, min(8, math.ceil(4 * l2 / selected)))
+
+
 def make_problem(kv_len, q_rows, head_dim, group, dtype, device, heads=TOTAL_HEADS, seed=0):
-    """One batch row; the selected keys are CHUNK-row chunks (random order) of a 2x larger pool."""
+    """One batch row; the selected keys are CHUNK-row chunks (random order) of a 2x larger pool.
+    Returns q, k_pools, v_pools, index, kv_len with pools (copies, Hkv, pool rows, D), laid out
+    like ChunkKVCache's."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     hkv = max(1, heads // group)
     H = hkv * group
@@ -82,24 +97,35 @@ def make_problem(kv_len, q_rows, head_dim, group, dtype, device, heads=TOTAL_HEA
     chunks = torch.randperm(n_chunks, generator=g)[: math.ceil(kv_len / chunk)]
     index = (chunks[:, None] * chunk + torch.arange(chunk)).flatten()[:kv_len].to(torch.int32)[None]
     q = torch.randn(1, H, q_rows, head_dim, generator=g).to(dtype)
-    k_pool = torch.randn(hkv, pool, head_dim, generator=g).to(dtype)
-    v_pool = torch.randn(hkv, pool, head_dim, generator=g).to(dtype)
+    k_pool = torch.randn(pool, hkv, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(pool, hkv, head_dim, generator=g).to(dtype)
     kv_len_t = torch.tensor([kv_len], dtype=torch.int32)
-    return [t.to(device) for t in (q, k_pool, v_pool, index.contiguous(), kv_len_t)]
+    q, k_pool, v_pool, index, kv_len_t = [t.to(device) for t in (q, k_pool, v_pool, index.contiguous(), kv_len_t)]
+    copies = pool_copies(kv_len, hkv, head_dim, dtype, device)
+
+    def layers(pool_rows):  # (copies, Hkv, P, D) views of row-major storage, as ChunkKVCache keeps its pool
+        return pool_rows.expand(copies, -1, -1, -1).clone().transpose(1, 2)
+
+    return q, layers(k_pool), layers(v_pool), index, kv_len_t
 
 
-def bench(fn, device, rep_ms) -> float:
-    """Median milliseconds per call: CUDA-graph replays on a GPU, a host clock in the interpreter.
-    (do_bench's launch-by-launch timing is host-bound below ~16K keys: it cannot rank configs.)"""
+def bench(fn, copies, device, rep_ms) -> float:
+    """Median milliseconds per call of fn(copy), over calls on each copy in turn: CUDA-graph
+    replays on a GPU, a host clock in the interpreter. (do_bench's launch-by-launch timing is
+    host-bound below ~16K keys: it cannot rank configs.)"""
+    def every_copy():
+        for i in range(copies):
+            fn(i)
+
     if device == "cuda":
         from triton.testing import do_bench_cudagraph
 
-        return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+        return do_bench_cudagraph(every_copy, rep=rep_ms, return_mode="median") / copies
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        every_copy()
+        times.append((time.perf_counter() - t0) * 1e3 / copies)
     return sorted(times)[1]
 
 
@@ -113,10 +139,11 @@ def _close(actual, expected, dtype) -> str | None:
     return None
 
 
-def _try(fn, check, device, args):
-    """(ms, None) for a candidate that runs and agrees with the reference, else (None, why)."""
+def _try(fn, copies, check, device, args):
+    """(ms, None) for a candidate fn(copy) that runs and agrees with the reference on copy 0,
+    else (None, why)."""
     try:
-        result = fn()
+        result = fn(0)
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as e:  # out of shared memory, compile errors: the candidate is dropped
@@ -124,7 +151,7 @@ def _try(fn, check, device, args):
     why = check(result)
     if why:
         return None, why
-    return bench(fn, device, args.rep_ms), None
+    return bench(fn, copies, device, args.rep_ms), None
 
 
 def _fastest(configs, run):
@@ -144,7 +171,8 @@ def tune_chunk_attention(problem, args, device, log):
     from pdllm.triton_kernels.chunk_attention import block_m_for, chunk_attention, default_num_splits, num_sms
     import triton
 
-    q, k_pool, v_pool, index, kv_len = problem
+    q, k_pools, v_pools, index, kv_len = problem
+    k_pool, v_pool = k_pools[0], v_pools[0]
     B, H, Tq, D = q.shape
     hkv = k_pool.shape[0]
     L = index.shape[1]
@@ -156,7 +184,8 @@ def tune_chunk_attention(problem, args, device, log):
         return _close(out, ref_out, q.dtype) or _close(lse, ref_lse, torch.float32)
 
     def run(cfg):
-        return _try(lambda: chunk_attention(q, k_pool, v_pool, index, kv_len, config=cfg), check, device, args)
+        return _try(lambda i: chunk_attention(q, k_pools[i], v_pools[i], index, kv_len, config=cfg),
+                    len(k_pools), check, device, args)
 
     tiles = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns,
               "num_splits": default_num_splits(base, L, bn, num_sms(q.device))}
@@ -188,14 +217,15 @@ def tune_key_attention_mass(problem, args, device, log):
     from pdllm.attention import chunk_attention_reference, key_attention_mass_reference
     from pdllm.triton_kernels.attention_mass import key_attention_mass
 
-    q, k_pool, v_pool, index, kv_len = problem
-    lse = chunk_attention_reference(q, k_pool, v_pool, index, kv_len)[1]
+    q, k_pools, v_pools, index, kv_len = problem
+    k_pool = k_pools[0]
+    lse = chunk_attention_reference(q, k_pool, v_pools[0], index, kv_len)[1]
     ref = key_attention_mass_reference(q, k_pool, index, kv_len, lse)
     configs = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
                for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages))]
     best, best_ms, rejected = _fastest(configs, lambda cfg: _try(
-        lambda: key_attention_mass(q, k_pool, index, kv_len, lse, config=cfg), lambda m: _close(m, ref, q.dtype),
-        device, args))
+        lambda i: key_attention_mass(q, k_pools[i], index, kv_len, lse, config=cfg), len(k_pools),
+        lambda m: _close(m, ref, q.dtype), device, args))
     if best is None:
         return None, rejected
     return {"config": best, "time_us": round(best_ms * 1e3, 2)}, rejected

@@ -1,7 +1,8 @@
 """Chunk-sparse attention: pdllm's Triton kernel against the alternatives, in one run.
 
 Shape: one LLaDA-8B attention layer (32 query heads, 32 KV heads, head_dim 128, bf16) with a
-block of Tq = 32 query rows.
+block of Tq = 32 query rows. The K/V pool has the layout of ``ChunkKVCache``: row-major storage
+(layers, P, Hkv, D), read through (layers, Hkv, P, D) views.
 
 * ``sparse-<P>``: the selected KV is 4 chunks of 1024 pool rows (random chunks, top-K order) plus
   100 "prefix/query/block" rows at the end of the pool, out of a pool of P rows (8K .. 128K).
@@ -69,8 +70,9 @@ def inputs(case: Case):
     g = torch.Generator(device="cuda").manual_seed(case.pool + case.full)
     P = case.pool
     q = torch.randn(1, H, TQ, D, device="cuda", dtype=DTYPE, generator=g)
-    k_cache = torch.randn(ROTATE, HKV, P, D, device="cuda", dtype=DTYPE, generator=g)
-    v_cache = torch.randn(ROTATE, HKV, P, D, device="cuda", dtype=DTYPE, generator=g)
+    # Laid out as ChunkKVCache stores its pool: (layers, P, Hkv, D) storage, (layers, Hkv, P, D) views.
+    k_cache = torch.randn(ROTATE, P, HKV, D, device="cuda", dtype=DTYPE, generator=g).transpose(1, 2)
+    v_cache = torch.randn(ROTATE, P, HKV, D, device="cuda", dtype=DTYPE, generator=g).transpose(1, 2)
     if case.full:
         index = torch.arange(P, device="cuda")
     else:
