@@ -8,7 +8,7 @@ it builds a realistic problem (one batch row, about 32 query heads, the selected
 1024-row chunks in random order out of a pool twice as large), then
 
   chunk_attention:    stage 1 sweeps BLOCK_N x num_warps x num_stages with the SM-filling split
-                      heuristic, stage 2 sweeps num_splits for the winner;
+                      heuristic, stage 2 sweeps num_splits for the three fastest tile shapes;
   key_attention_mass: sweeps BLOCK_N x num_warps x num_stages.
 
 Each candidate is first checked against the reference of pdllm.attention with the tolerance of
@@ -41,6 +41,7 @@ import torch
 from pdllm.autotune.configs import CONFIG_DIR, DTYPE_NAMES, device_key, load_config_file
 
 TOTAL_HEADS = 32  # query heads of the tuning problems: Hkv = max(1, heads // group)
+TOP_TILES = 3  # tile shapes (BLOCK_N, warps, stages) whose split count is swept
 CHUNK = 1024
 
 
@@ -154,16 +155,18 @@ def _try(fn, copies, check, device, args):
     return bench(fn, copies, device, args.rep_ms), None
 
 
-def _fastest(configs, run):
-    """Time every candidate (run(cfg) -> (ms, why rejected or None)); the fastest valid one wins."""
-    best, best_ms, rejected = None, math.inf, []
+def _ranked(configs, run):
+    """Time every candidate (run(cfg) -> (ms, why rejected or None)). Returns the valid ones as
+    [(ms, cfg)], fastest first, and the rejected ones."""
+    timed, rejected = [], []
     for cfg in configs:
         ms, why = run(cfg)
         if why:
             rejected.append({"config": cfg, "why": why})
-        elif ms < best_ms:
-            best, best_ms = cfg, ms
-    return best, best_ms, rejected
+        else:
+            timed.append((ms, cfg))
+    timed.sort(key=lambda t: t[0])
+    return timed, rejected
 
 
 def tune_chunk_attention(problem, args, device, log):
@@ -190,16 +193,17 @@ def tune_chunk_attention(problem, args, device, log):
     tiles = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns,
               "num_splits": default_num_splits(base, L, bn, num_sms(q.device))}
              for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages))]
-    best, best_ms, rejected = _fastest(tiles, run)
-    if best is None:
+    timed, rejected = _ranked(tiles, run)
+    if not timed:
         return None, rejected
-    heuristic_ms = best_ms  # then the split count, around the best tile shape
-    splits = [dict(best, num_splits=s) for s in _ints(args.num_splits)
-              if s != best["num_splits"] and s <= triton.cdiv(L, best["BLOCK_N"])]
-    better, better_ms, more_rejected = _fastest(splits, run)
+    heuristic_ms = timed[0][0]
+    # Then the split count, for the TOP_TILES best tile shapes: a tile shape's rank can change with
+    # the split count (a larger tile may leave fewer programs per SM room, or fewer tiles per split).
+    splits = [dict(cfg, num_splits=s) for _, cfg in timed[:TOP_TILES] for s in _ints(args.num_splits)
+              if s != cfg["num_splits"] and s <= triton.cdiv(L, cfg["BLOCK_N"])]
+    more_timed, more_rejected = _ranked(splits, run)
     rejected += more_rejected
-    if better_ms < best_ms:
-        best, best_ms = better, better_ms
+    best_ms, best = min(timed + more_timed, key=lambda t: t[0])
     elem = q.element_size()
     nbytes = L * hkv * D * 2 * elem + 2 * q.numel() * elem
     entry = {
@@ -223,11 +227,12 @@ def tune_key_attention_mass(problem, args, device, log):
     ref = key_attention_mass_reference(q, k_pool, index, kv_len, lse)
     configs = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
                for bn, nw, ns in itertools.product(_ints(args.block_n), _ints(args.num_warps), _ints(args.num_stages))]
-    best, best_ms, rejected = _fastest(configs, lambda cfg: _try(
+    timed, rejected = _ranked(configs, lambda cfg: _try(
         lambda i: key_attention_mass(q, k_pools[i], index, kv_len, lse, config=cfg), len(k_pools),
         lambda m: _close(m, ref, q.dtype), device, args))
-    if best is None:
+    if not timed:
         return None, rejected
+    best_ms, best = timed[0]
     return {"config": best, "time_us": round(best_ms * 1e3, 2)}, rejected
 
 

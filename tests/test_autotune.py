@@ -150,8 +150,10 @@ def test_cpu_gets_defaults_silently():
 def test_default_num_splits_fills_the_sms():
     from pdllm.triton_kernels.chunk_attention import default_num_splits
 
-    # LLaDA-8B, 32 query rows: 32 programs per split on 132 SMs -> 9 splits at 4K keys (BLOCK_N 64)
-    assert default_num_splits(32, 4196, 64, 132) == 9
+    # LLaDA-8B, 32 query rows: 32 programs per split on 132 SMs -> one wave of 4 splits at 4K keys
+    assert default_num_splits(32, 4196, 64, 132) == 4
+    assert default_num_splits(32, 4196, 128, 132) == 4
+    assert default_num_splits(8, 65536, 64, 132) == 16
     assert default_num_splits(32, 256, 64, 132) == 1  # too few tiles to split
     assert default_num_splits(1024, 65536, 64, 132) == 1  # the grid is full already
     assert default_num_splits(1, 1 << 20, 64, 132) == 64  # capped
