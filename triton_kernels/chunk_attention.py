@@ -245,7 +245,7 @@ def default_num_splits(base_programs: int, L: int, block_n: int, sms: int) -> in
     """Splits so that the launch is one wave of one program per SM, but each split keeps at least
     four key tiles (shorter loops spend their time in the pipeline's prologue) and never more
     splits than tiles. One per SM, not two: the loop is bound by memory, and on the H100 two
-    programs sharing an SM (8 splits of an LLaDA-8B layer) were 8-10% slower than one (4 splits),
+    programs sharing an SM (8 splits of an LLaDA-8B layer) were ~10% slower than one (4 splits),
     which also leaves half as many partials to combine (benchmarks/results/README.md)."""
     tiles = cdiv(max(L, 1), block_n)
     want = sms // max(base_programs, 1)
