@@ -21,7 +21,9 @@ of call + synchronize, so they include launch overhead):
 
 * ``time_us``: ``triton.testing.do_bench`` median. do_bench zeroes a 256 MB buffer before every
   call to flush L2; the dirty lines it leaves are written back while the timed kernel runs, which
-  costs up to ~50 MB of extra traffic: a pessimistic number for small problems.
+  costs up to ~50 MB of extra traffic, and it launches one call at a time, so a call shorter than
+  the host's launch path is timed at the launch path (200-260 us for every method on the sparse
+  shapes on the H100 machine of benchmarks/results): the time of an eager call, not of the kernel.
 * ``time_us_rotating``: a CUDA graph of ROTATE calls, each on another layer of a
   (ROTATE, Hkv, P, D) cache (what a model does: consecutive attention calls read different
   layers), replayed back to back, no flush; median over batches of replays, per call.
