@@ -156,6 +156,7 @@ def _table(key: str, directory: str):
 def clear_cache():
     """Forget loaded tables and given warnings (tests; after writing a new file)."""
     _table.cache_clear()
+    _nearest_in_table.cache_clear()
     _warned.clear()
     _device_name.cache_clear()
 
@@ -217,15 +218,22 @@ def lookup(kernel: str, device_name: str, *, kv_len: int, q_rows: int, head_dim:
     num_splits (None: use the kernel's heuristic) and base_programs (see ``rescale_splits``).
     """
     cfg = default_config(kernel, head_dim)
-    table = _table(device_key(device_name), str(directory or config_dir()))
-    if table is None:
-        return cfg
-    entry = nearest_entry(table.get(kernel, []), kv_len, q_rows, head_dim, group, dtype)
+    entry = _nearest_in_table(kernel, device_key(device_name), str(directory or config_dir()),
+                              kv_len, q_rows, head_dim, group, dtype)
     if entry is not None:
         cfg.update(entry["config"])
         if kernel == "chunk_attention":
             cfg["base_programs"] = entry.get("base_programs")
     return cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def _nearest_in_table(kernel, key, directory, kv_len, q_rows, head_dim, group, dtype):
+    """The nearest entry of a table (None: no table, or no entry for the kernel), remembered: a
+    model asks for the same few shapes at every layer and step, and this lookup is on the launch
+    path of every eager call."""
+    table = _table(key, directory)
+    return None if table is None else nearest_entry(table.get(kernel, []), kv_len, q_rows, head_dim, group, dtype)
 
 
 def rescale_splits(num_splits: int, tuned_base: int | None, base: int) -> int:
