@@ -24,9 +24,12 @@ directly.
 Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
 are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
 
-Layout: q (B, H, Tq, D); k_pool, v_pool (Hkv, P, D), any strides (e.g. one layer of a
-(L, Hkv, P, D) cache); kv_index (B, L) int32 pool rows; kv_len (B,) int32 valid entries per row.
-Entries of kv_index past kv_len are never read, so they may hold garbage.
+Layout: q (B, H, Tq, D); k_pool, v_pool (Hkv, P, D), any strides (e.g. one layer of
+ChunkKVCache's pool: (Hkv, P, D) views of row-major (P, Hkv, D) storage, where the programs of
+all heads share DRAM pages); kv_index (B, L) int32 pool rows; kv_len (B,) int32 valid entries per
+row. Entries of kv_index past kv_len are never read, so they may hold garbage.
+
+Where a launch spends its time (per-program clock stamps): benchmarks/probe_timeline.py.
 """
 
 from __future__ import annotations
