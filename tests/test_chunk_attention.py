@@ -244,3 +244,19 @@ def test_configs_shrink_to_fit_shared_memory():
         assert fitted["num_warps"] == 8 and fitted["num_splits"] == 1
     assert fit_shared_memory(tuned, 128, 128, 4, None) == tuned  # the interpreter: no limit
     assert max_shared_memory(torch.device("cpu")) is None
+
+
+def test_timeline_probe_still_instruments_the_kernel():
+    # benchmarks/probe_timeline.py edits a copy of the kernel's source; a kernel change that its
+    # edits no longer match should fail here, not on a GPU.
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_timeline.py"
+    spec = importlib.util.spec_from_file_location("probe_timeline", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    source = probe.instrumented_source(probe.KERNEL.read_text())
+    ast.parse(source)
+    assert source.count("globaltimer()") == 5
