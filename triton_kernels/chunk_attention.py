@@ -57,7 +57,7 @@ def next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
 
-@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_ls", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
     O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) fp32, (S, B, H, Tq) base 2, one int32 per group
