@@ -75,15 +75,16 @@ def inputs(case: Case):
     # Laid out as ChunkKVCache stores its pool: (layers, P, Hkv, D) storage, (layers, Hkv, P, D) views.
     k_cache = torch.randn(ROTATE, P, HKV, D, device="cuda", dtype=DTYPE, generator=g).transpose(1, 2)
     v_cache = torch.randn(ROTATE, P, HKV, D, device="cuda", dtype=DTYPE, generator=g).transpose(1, 2)
-    if case.full:
-        index = torch.arange(P, device="cuda")
-    else:
-        chunks = torch.randperm(P // CHUNK - 1, device="cuda", generator=g)[:TOP_K]  # the last chunk holds the extras
-        rows = (chunks[:, None] * CHUNK + torch.arange(CHUNK, device="cuda")).flatten()
-        index = torch.cat([rows, torch.arange(P - EXTRA, P, device="cuda")])
-    index = index.to(torch.int32)
-    kv_len = torch.tensor([index.numel()], dtype=torch.int32, device="cuda")
-    return q, k_cache, v_cache, index[None].contiguous(), kv_len
+    index = torch.arange(P, device="cuda", dtype=torch.int32)[None] if case.full else sparse_index(P, g)
+    kv_len = torch.tensor([index.shape[1]], dtype=torch.int32, device="cuda")
+    return q, k_cache, v_cache, index, kv_len
+
+
+def sparse_index(P: int, g: torch.Generator) -> torch.Tensor:
+    """(1, TOP_K * CHUNK + EXTRA) int32: TOP_K random chunks of a P-row pool, then its last EXTRA rows."""
+    chunks = torch.randperm(P // CHUNK - 1, device="cuda", generator=g)[:TOP_K]  # the last chunk holds the extras
+    rows = (chunks[:, None] * CHUNK + torch.arange(CHUNK, device="cuda")).flatten()
+    return torch.cat([rows, torch.arange(P - EXTRA, P, device="cuda")]).to(torch.int32)[None].contiguous()
 
 
 def make_impl(impl: str, case: Case):

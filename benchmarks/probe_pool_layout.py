@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_chunk_attention import CHUNK, D, DTYPE, EXTRA, HKV, ROTATE, TOP_K, TQ, H, rotating_time_ms  # noqa: E402
+from bench_chunk_attention import D, DTYPE, HKV, ROTATE, TQ, H, rotating_time_ms, sparse_index  # noqa: E402
 from conftest import copy_gbps  # noqa: E402
 
 
@@ -33,9 +33,7 @@ def time_layout(P: int, pad: int, row_major: bool, config: dict, copy: float) ->
                 for _ in range(2))
     else:
         k, v = (torch.randn(ROTATE, HKV, P + pad, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
-    chunks = torch.randperm(P // CHUNK - 1, device="cuda", generator=g)[:TOP_K]
-    rows = (chunks[:, None] * CHUNK + torch.arange(CHUNK, device="cuda")).flatten()
-    index = torch.cat([rows, torch.arange(P - EXTRA, P, device="cuda")]).to(torch.int32)[None].contiguous()
+    index = sparse_index(P, g)
     kv_len = torch.tensor([index.shape[1]], dtype=torch.int32, device="cuda")
     nbytes = index.shape[1] * HKV * D * 2 * DTYPE.itemsize + 2 * q.numel() * DTYPE.itemsize
     ms = rotating_time_ms(lambda i: chunk_attention(q, k[i], v[i], index, kv_len, config=config)[0])[0]
