@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, inputs, needed_bytes, rotating_time_ms  # noqa: E402
-from conftest import copy_gbps as measure_copy_gbps  # noqa: E402
+from ceilings import copy_gbps as measure_copy_gbps  # noqa: E402
 
 
 def load_module(path: Path, name: str):

@@ -8,10 +8,14 @@ fixtures, so that this file never imports triton before tests/conftest.py sets T
 from __future__ import annotations
 
 import importlib.util
-import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ceilings import copy_gbps, gpu_info  # noqa: E402
 
 if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them with
     collect_ignore_glob = ["bench_*.py"]
@@ -30,38 +34,10 @@ def pytest_collect_file(parent, file_path):
     return None
 
 
-def gpu_info() -> dict:
-    """Device, driver and library versions, recorded with every result."""
-    import triton
-
-    info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
-    if HAS_CUDA:
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
-        try:
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=True,
-            ).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            info["driver"] = None
-    return info
-
-
 @pytest.fixture(scope="session")
 def bench_results():
     """{group: {impl: extra_info}}, filled by the benchmarks, printed in the terminal summary."""
     return RESULTS
-
-
-def copy_gbps(n: int = 2**30) -> float:
-    """Bytes read + written per second by an n-byte device-to-device copy (do_bench median)."""
-    from triton.testing import do_bench
-
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * n / (ms * 1e-3) / 1e9
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import D, DTYPE, HKV, ROTATE, TQ, H, rotating_time_ms, sparse_index  # noqa: E402
-from conftest import copy_gbps  # noqa: E402
+from ceilings import copy_gbps  # noqa: E402
 
 
 def time_layout(P: int, pad: int, row_major: bool, config: dict, copy: float) -> dict:

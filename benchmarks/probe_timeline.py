@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, ROTATE, inputs, needed_bytes, rotating_time_ms  # noqa: E402
-from conftest import copy_gbps  # noqa: E402
+from ceilings import copy_gbps  # noqa: E402
 
 KERNEL = Path(__file__).resolve().parents[1] / "triton_kernels" / "chunk_attention.py"
 SLOTS = 8  # per program: 0 start, 2 loop end, 3 after ticket, 4 end, 5 SM id, 6 ticket
@@ -97,6 +97,9 @@ def main():
     p.add_argument("--splits", default="", help="comma-separated split counts (default: the tuned table's)")
     p.add_argument("--config", default="{}", help="JSON launch config (default: the tuned table's)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--raw", action="store_true",
+                   help="also keep every program's stamps of the second launch (split, KV head, SM id, us since "
+                        "the launch's first start: start, loop end, ticket, end; ticket)")
     args = p.parse_args()
     kernel = load_instrumented()
     copy = copy_gbps()  # the rate `pytest --benchmark` reports against
@@ -125,6 +128,12 @@ def main():
                    "probed_time_us": round(ms * 1e3, 2),
                    "pct_copy_bw": round(100 * needed_bytes(case) / (ms * 1e-3) / 1e9 / copy, 1),
                    "launches": launches, "gaps_between_launches_us": gaps}
+            if args.raw:
+                one = stamps[1].double()
+                base = one[:, 0].min()
+                row["programs"] = [[i % resolved["num_splits"], i // resolved["num_splits"], int(one[i, 5])]
+                                   + [round((one[i, j] - base).item() / 1e3, 3) for j in (0, 2, 3, 4)]
+                                   + [int(one[i, 6])] for i in range(programs)]
             results.append(row)
             print(json.dumps({k: row[k] for k in ("case", "config", "probed_time_us")} | launches[1]
                              | {"gaps_us": gaps}), flush=True)
