@@ -36,7 +36,8 @@ def main():
     p.add_argument("--baseline", type=Path, required=True, help="a copy of chunk_attention.py to compare with")
     p.add_argument("--also", type=Path, nargs="*", default=[], help="more copies to time (reported, not the baseline)")
     p.add_argument("--splits", default="4,8,12,16", help="num_splits to time (each with both versions)")
-    p.add_argument("--config", default='{"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}', help="JSON launch config")
+    p.add_argument("--config", default='{"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}',
+                   help="JSON launch config, or 'table': each version's tuned table and defaults (--splits ignored)")
     p.add_argument("--cases", default="sparse-32K,full-8K,full-32K")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -48,7 +49,7 @@ def main():
     versions = {"baseline": load_module(args.baseline, "chunk_attention_baseline")}
     versions.update({f.stem: load_module(f, f"chunk_attention_{i}") for i, f in enumerate(args.also)})
     versions["current"] = current
-    base_cfg = json.loads(args.config)
+    base_cfg = None if args.config == "table" else json.loads(args.config)
     copy_gbps = measure_copy_gbps()  # the rate `pytest --benchmark` reports against
     rows = []
     for case in [c for c in CASES if c.name in args.cases.split(",")]:
@@ -63,21 +64,22 @@ def main():
         print(f"{case.name}: a copy of the same bytes runs at {same_size_copy_gbps:.0f} GB/s "
               f"({100 * same_size_copy_gbps / copy_gbps:.1f}% of the 1 GiB copy)", flush=True)
         del srcs, dsts
-        for splits in [int(s) for s in args.splits.split(",")]:
-            cfg = dict(base_cfg, num_splits=splits)
-            times = {}
+        for splits in [None] if base_cfg is None else [int(s) for s in args.splits.split(",")]:
+            cfg = None if base_cfg is None else dict(base_cfg, num_splits=splits)
+            times, methods = {}, {}
             for name, mod in versions.items():
                 def fn(i, mod=mod, cfg=cfg):
                     return mod.chunk_attention(q, k_cache[i], v_cache[i], index, kv_len, config=cfg)[0]
 
                 assert_close(fn(0), ref, dtype=q.dtype, msg=f"{name} disagrees with the reference")
-                times[name] = rotating_time_ms(fn)[0] * 1e3
+                ms, methods[name] = rotating_time_ms(fn)
+                times[name] = ms * 1e3
             pct = {n: 100 * needed_bytes(case) / (t * 1e-6) / 1e9 / copy_gbps for n, t in times.items()}
-            row = {"case": case.name, "config": cfg, "time_us": times, "pct_copy_bw": pct,
+            row = {"case": case.name, "config": cfg, "time_us": times, "pct_copy_bw": pct, "timing": methods,
                    "same_size_copy_gbps": same_size_copy_gbps,
                    "speedup_vs_baseline": times["baseline"] / times["current"]}
             rows.append(row)
-            print(f"{case.name:<12} splits {splits:>3}: " + "  ".join(f"{n} {t:7.1f} us ({pct[n]:4.1f}%)" for n, t in times.items())
+            print(f"{case.name:<12} splits {splits or 'table':>5}: " + "  ".join(f"{n} {t:7.1f} us ({pct[n]:4.1f}%)" for n, t in times.items())
                   + f"  current x{row['speedup_vs_baseline']:.2f}", flush=True)
     if args.out:
         import triton
