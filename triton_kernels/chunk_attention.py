@@ -21,6 +21,13 @@ split weights first, so that its loop over the partial outputs pipelines: on the
 splits they are equal; benchmarks/results). With one split a program writes the final result
 directly.
 
+The partial outputs are stored in the output's dtype (bf16 or fp16; fp32 stays fp32), their
+log-sum-exps in fp32, as vLLM's paged attention v2 stores its partitions. Each partial is a
+convex combination of value rows, so it fits the value's dtype, and storing it costs one rounding
+at the output's own precision. Publishing and gathering the partials is the end of every launch's
+critical path: at half the bytes, 4 consecutive sparse LLaDA-8B launches on the H100 took 4-5%
+less time (benchmarks/results/ab_partials_dtype_*.json).
+
 Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
 are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
 
@@ -66,7 +73,7 @@ def next_pow2(x: int) -> int:
 @triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
-    O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) fp32, (S, B, H, Tq) base 2, one int32 per group
+    O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) out's dtype, (S, B, H, Tq) fp32 base 2, one int32 per group
     qk_scale,  # softmax scale * log2(e)
     Hkv, group, Tq, L, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -166,7 +173,7 @@ def _chunk_attention_fwd(
     else:
         part_off = b * stride_pb + h[:, None] * stride_ph + t[:, None] * stride_pt + offs_d[None, :] * stride_pd
         lse_part_off = b * stride_qlb + h * stride_qlh + t * stride_qlt
-        tl.store(O_PART + pid_s * stride_ps + part_off, out, mask=row_valid[:, None])
+        tl.store(O_PART + pid_s * stride_ps + part_off, out.to(O_PART.dtype.element_ty), mask=row_valid[:, None])
         tl.store(LSE_PART + pid_s * stride_qs + lse_part_off, lse2, mask=row_valid)
         # Publish the partial, then take a ticket. The barrier orders every thread's stores before
         # the release of the one thread that does the atomic; the acquire makes the partials
@@ -193,7 +200,7 @@ def _chunk_attention_fwd(
             for s in tl.range(0, num_splits, num_stages=3):
                 w = tl.sum(tl.where(offs_s[:, None] == s, w_all, 0.0), 0)  # column s of w_all
                 o_s = tl.load(O_PART + s * stride_ps + part_off, mask=row_valid[:, None], other=0.0,
-                              cache_modifier=".cg")
+                              cache_modifier=".cg").to(tl.float32)
                 acc_c += o_s * w[:, None]
             has_any = l_c > 0.0
             l_c_safe = tl.where(has_any, l_c, 1.0)
@@ -374,8 +381,8 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
     cfg = launch_config(q, Hkv, L, config, num_splits)
     S, block_m = cfg["num_splits"], cfg["BLOCK_M"]
     grid = (S, B * Hkv, cdiv(group * Tq, block_m))
-    if S > 1:  # partial results in fp32, combined in the kernel by the last split of each group
-        o_part = torch.empty((S, B, H, Tq, D), dtype=torch.float32, device=q.device)
+    if S > 1:  # partial results, combined in the kernel by the last split of each group
+        o_part = torch.empty((S, B, H, Tq, D), dtype=q.dtype, device=q.device)
         lse_part = torch.empty((S, B, H, Tq), dtype=torch.float32, device=q.device)
         counters = split_counters(q.device, grid[1] * grid[2])
     else:  # never read: the kernel writes out and lse directly
