@@ -25,8 +25,8 @@ The partial outputs are stored in the output's dtype (bf16 or fp16; fp32 stays f
 log-sum-exps in fp32, as vLLM's paged attention v2 stores its partitions. Each partial is a
 convex combination of value rows, so it fits the value's dtype, and storing it costs one rounding
 at the output's own precision. Publishing and gathering the partials is the end of every launch's
-critical path: at half the bytes, 4 consecutive sparse LLaDA-8B launches on the H100 took 4-5%
-less time (benchmarks/results/ab_partials_dtype_*.json).
+critical path: at half the bytes, sparse LLaDA-8B launches on the H100 took 4.4-4.6% less time
+(benchmarks/results/ab_partials_dtype_*.json).
 
 Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
 are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
@@ -39,8 +39,8 @@ row. Entries of kv_index past kv_len are never read, so they may hold garbage.
 On Hopper and newer GPUs the kernel is a programmatic dependent launch: it may start while the
 kernel before it in the stream is still finishing, waits for it (``gdc_wait``) before its first
 load, and lets the next launch start early in turn. That hides the launch gap and part of the
-previous kernel's tail; on the H100, 4 consecutive sparse launches took 0.6-1.8% less time
-(benchmarks/results/ab_pdl_*.json). Everything else is the same on every GPU.
+previous kernel's tail; on the H100, consecutive sparse LLaDA-8B launches took 0.2-1.6% less
+time (benchmarks/results/ab_pdl_*.json). Everything else is the same on every GPU.
 
 Where a launch spends its time (per-program clock stamps): benchmarks/probe_timeline.py.
 """
