@@ -260,3 +260,14 @@ def test_timeline_probe_still_instruments_the_kernel():
     source = probe.instrumented_source(probe.KERNEL.read_text())
     ast.parse(source)
     assert source.count("globaltimer()") == 5
+
+
+def test_programmatic_dependent_launch_only_where_the_gpu_has_it():
+    """PDL needs CUDA and compute capability 9.0+: the interpreter and older GPUs launch plainly."""
+    from pdllm.triton_kernels.chunk_attention import use_pdl
+
+    assert use_pdl(torch.device("cpu")) is False
+    if ON_GPU:
+        major, _ = torch.cuda.get_device_capability()
+        assert use_pdl(torch.device("cuda")) == (major >= 9 and hasattr(__import__("triton").language.extra.cuda,
+                                                                         "gdc_wait"))
