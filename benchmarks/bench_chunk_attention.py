@@ -156,6 +156,11 @@ def rotating_time_ms(fn) -> tuple[float, str]:
 
 def needed_bytes(case: Case) -> int:
     _, _, _, index, _ = inputs(case)
+    return selected_bytes(index)
+
+
+def selected_bytes(index: torch.Tensor) -> int:
+    """Bytes every implementation must move: the selected K and V rows of every KV head, q and out."""
     elem = torch.finfo(DTYPE).bits // 8
     return index.numel() * HKV * D * 2 * elem + 2 * H * TQ * D * elem
 

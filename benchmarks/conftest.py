@@ -15,12 +15,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceilings import copy_gbps, gpu_info  # noqa: E402
+from ceilings import HAS_CUDA, copy_gbps, gpu_info  # noqa: E402
 
 if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them with
     collect_ignore_glob = ["bench_*.py"]
 
-HAS_CUDA = torch.cuda.is_available()
 
 # Filled by the benchmarks: {group: {impl: extra_info}}; printed at the end of the session.
 RESULTS: dict[str, dict[str, dict]] = {}
