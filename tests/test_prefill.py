@@ -126,6 +126,29 @@ def test_streamed_attention_scores_equal_the_full_attention_matrix(model_name, r
     assert_close(score_chunks_attention(model, prompt, chunks, cfg), expected, torch.float32)
 
 
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_early_exit_scores_read_the_layers_at_or_below_the_depth_and_run_no_later_one(model_name, request):
+    model = request.getfixturevalue(model_name)  # 2 layers: depth 1 reads layer 0 and never runs layer 1
+    prompt = request_of(model, 45)
+    chunks = split_chunks(prompt.context, 8, model.cfg.bos_id)
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, b in enumerate(model.blocks)]
+    hooks.append(model.norm_f.register_forward_hook(lambda m, i, o: ran.append("norm_f")))
+    try:
+        scores = score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=1, score_batch=3))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(ran) == {0}  # no later block, no final norm (nor head)
+    assert_close(scores, explicit_attention_scores(model, prompt, chunks, range(0, 1), 7), torch.float32)
+    full_depth = score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=2, score_layers=1))
+    assert_close(full_depth, explicit_attention_scores(model, prompt, chunks, range(1, 2), 7), torch.float32)
+    with pytest.raises(ValueError, match="score_depth=3 is deeper than the model"):
+        score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=3))
+    with pytest.raises(ValueError, match="stop_after=3"):
+        model(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), stop_after=3)
+
+
 def test_probe_mass_is_the_share_of_the_full_softmax(llada):
     """Without pooling, the mass a query row gives all keys sums to 1 (the lse covers them all)."""
     seq = torch.randint(3, 200, (2, 20))
@@ -216,6 +239,7 @@ def test_position_modes():
     (dict(top_k=0), "top_k=0"), (dict(chunk_size=0), "chunk_size=0"), (dict(score="bm25"), "score='bm25'"),
     (dict(cache_mode="paged"), "cache_mode"), (dict(positions="rope"), "positions"),
     (dict(token_capacity=1), "token_capacity=1"), (dict(draft_likelihood="ar"), "draft_likelihood"),
+    (dict(score_depth=0), "score_depth=0"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

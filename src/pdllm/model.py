@@ -273,19 +273,26 @@ class Transformer(nn.Module):
     def rope(self, pos):
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
 
-    def forward(self, idx, pos, mask=None, cache=None, logits_slice: slice | None = None, return_hidden=False):
+    def forward(self, idx, pos, mask=None, cache=None, logits_slice: slice | None = None, return_hidden=False,
+                stop_after: int | None = None):
         """idx, pos (B, T) -> logits (B, T', V) for the positions in logits_slice (default all).
 
         mask:  bool, broadcastable to (B, H, T, Tk), True = may attend. Tk is T without a cache,
                else the number of rows the cache reads.
         cache: an object with attend(layer, q, k, v, mask, backend) (see pdllm.cache).
+        stop_after: run only the first N blocks and return their output (B, T, C), before the final
+               norm and head: early-exit scoring reads the attention of those layers and needs no more.
         """
         if idx.shape != pos.shape:
             raise ValueError(f"idx {tuple(idx.shape)} and pos {tuple(pos.shape)} must have the same (B, T) shape")
+        if stop_after is not None and not 1 <= stop_after <= self.cfg.n_layers:
+            raise ValueError(f"stop_after={stop_after} must be in [1, n_layers={self.cfg.n_layers}]")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = self.rope(pos)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:stop_after]):
             x = block(x, rope, mask, cache, i, self.attention_backend)
+        if stop_after is not None:
+            return x
         if logits_slice is not None:
             x = x[:, logits_slice]
         x = self.norm_f(x)

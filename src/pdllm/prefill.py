@@ -12,7 +12,8 @@ The method, in the order it runs (``Prefill.begin``):
    over layers and tokens, is the chunk's score. The answer slots are where a diffusion model will
    decode the answer, so their attention says where the answer is (the official code scores the
    query rows alone: ``score_slots=0``; on our toy model that finds the passkey's chunk in the
-   top 4 for 2 of 10 examples, with 16 slots for 10 of 10).
+   top 4 for 2 of 10 examples, with 16 slots for 10 of 10). ``score_depth`` exits early: the
+   scoring forward runs that many layers and reads the last ``score_layers`` of them (GemFilter).
    ``draft``: a short draft answer is decoded from prefix + query alone; a chunk's score is how
    likely it makes the draft: the mean log-probability of the draft tokens given prefix + [BOS +
    chunk] + query (masked likelihood for a bidirectional model like LLaDA, next-token
@@ -57,7 +58,8 @@ class PrefillConfig:
     top_k: int = 4  # K >= number of chunks keeps every chunk
     chunk_bos: bool = True  # BOS anchor in front of every chunk
     score: str = "attention"  # see SCORE_MODES
-    score_layers: int = 4  # attention scoring reads the last N layers
+    score_layers: int = 4  # attention scoring reads the last N layers at or below score_depth
+    score_depth: int | None = None  # layers the scoring forward runs (early exit); None: all of them
     score_slots: int | None = None  # [MASK] answer slots scored with the query; None: the block length
     score_batch: int = 8  # chunks per scoring forward
     pool_kernel: int = 7  # max-pool width along tokens (SnapKV)
@@ -82,6 +84,8 @@ class PrefillConfig:
                 problems.append(f"{name}={value!r} must be one of {allowed}")
         if self.token_capacity is not None and self.token_capacity < 1 + self.chunk_bos:
             problems.append(f"token_capacity={self.token_capacity} must keep at least one token besides the BOS")
+        if self.score_depth is not None and self.score_depth < 1:
+            problems.append(f"score_depth={self.score_depth} must be >= 1 (or None: the full depth)")
         if self.score_slots is not None and self.score_slots < 0:
             problems.append(f"score_slots={self.score_slots} must be >= 0")
         if min(self.score_layers, self.score_batch, self.draft_tokens, self.token_query_window,
@@ -161,7 +165,8 @@ def attention_token_scores(model, prefix, chunks, query, layers, pool_kernel, ba
     """Per chunk, the pooled attention the query rows give each of its tokens, mean over layers.
 
     Each chunk is encoded as prefix + chunk + query with positions 0..n-1 (its own local
-    forward), so memory stays O(chunk) for any context length.
+    forward), so memory stays O(chunk) for any context length. The forward stops after the
+    deepest layer read (early exit): no later layer, no final norm or head.
     """
     dev, P, Q = model.device, len(prefix), len(query)
     scores: list[torch.Tensor | None] = [None] * len(chunks)
@@ -170,18 +175,27 @@ def attention_token_scores(model, prefix, chunks, query, layers, pool_kernel, ba
         idx = torch.tensor([prefix + chunks[i] + query for i in ids], device=dev)
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)
         probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), pool_kernel)
-        model(idx, pos, cache=probe, logits_slice=slice(0, 0))
+        model(idx, pos, cache=probe, stop_after=max(layers) + 1)
         per_token = torch.stack(probe.token_scores).mean(dim=0)  # (B, C)
         for row, i in enumerate(ids):
             scores[i] = per_token[row].float().cpu()
     return scores
 
 
+def scoring_depth(model, cfg: PrefillConfig) -> int:
+    """How many layers the scoring forward runs: cfg.score_depth, or the model's full depth."""
+    L = model.cfg.n_layers
+    if cfg.score_depth is not None and cfg.score_depth > L:
+        raise ValueError(f"score_depth={cfg.score_depth} is deeper than the model ({L} layers); use <= {L} or None")
+    return L if cfg.score_depth is None else cfg.score_depth
+
+
 def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: PrefillConfig, slots: int = 0) -> torch.Tensor:
     """Chunk score = mean over its tokens of the pooled attention of the query and ``slots``
-    masked answer rows (last cfg.score_layers)."""
-    L = model.cfg.n_layers
-    layers = range(max(0, L - cfg.score_layers), L)
+    masked answer rows, in the last cfg.score_layers layers at or below cfg.score_depth (GemFilter's
+    observation: early layers already find where the answer is, at a fraction of the forward)."""
+    depth = scoring_depth(model, cfg)
+    layers = range(max(0, depth - cfg.score_layers), depth)
     rows = prompt.query + [model.cfg.mask_id] * slots
     per_token = attention_token_scores(model, prompt.prefix, chunks, rows, layers, cfg.pool_kernel, cfg.score_batch)
     return torch.stack([s.mean() for s in per_token])
