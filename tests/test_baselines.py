@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from pdllm.attention import dense_attention
 from pdllm.baselines.dllm_cache import DllmCache
 from pdllm.baselines.dyllm import DyLLM
-from pdllm.sampler import GenerationConfig, Vanilla, generate, make_batch, make_method
+from pdllm.methods import make_method
+from pdllm.sampler import GenerationConfig, Vanilla, generate, make_batch
 from pdllm.testing import assert_close, random_prompts
 
 GC = GenerationConfig(gen_length=16, block_length=8, steps=8)

@@ -9,9 +9,10 @@ import torch
 
 from pdllm.attention import reference_attention
 from pdllm.cache import KVRecorder
+from pdllm.methods import make_method
 from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, keep_tokens, pool_tokens,
                            score_chunks_attention, score_chunks_draft, select_chunks, split_chunks)
-from pdllm.sampler import GenerationConfig, generate, make_method
+from pdllm.sampler import GenerationConfig, generate
 from pdllm.testing import assert_close
 from pdllm.tokenizer import LongContextPrompt
 

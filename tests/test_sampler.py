@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pdllm.sampler import (GenerationConfig, add_gumbel_noise, generate, make_method, num_transfer_tokens,
+from pdllm.methods import make_method
+from pdllm.sampler import (GenerationConfig, add_gumbel_noise, generate, num_transfer_tokens,
                            select_transfer)
 from pdllm.testing import random_prompts
 

@@ -87,7 +87,8 @@ class StepProgress:
 
 
 def cmd_generate(args) -> int:
-    from pdllm.sampler import generate, make_method
+    from pdllm.methods import make_method
+    from pdllm.sampler import generate
 
     if args.context_file is not None or args.question is not None:
         if args.context_file is None or args.question is None:

@@ -33,7 +33,7 @@ class PdllmLM(LM):
                  max_batch_size: int | None = None, **method_kwargs):
         super().__init__()
         from pdllm.cli import EMBEDDED_MODEL, load_model
-        from pdllm.sampler import make_method
+        from pdllm.methods import make_method
 
         path = pretrained or EMBEDDED_MODEL
         self.model, self.tok = load_model(path, device, dtype)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
 from pdllm.graphs import StepGraph, capture, graphs_available
-from pdllm.sampler import Batch, GenerationConfig, generate, synchronize
+from pdllm.sampler import Batch, GenerationConfig, Vanilla, generate, synchronize
 from pdllm.tokenizer import LongContextPrompt
 
 SCORE_MODES = ("attention", "draft")
@@ -204,7 +204,7 @@ def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: Prefil
 def draft_answer(model, prompt: LongContextPrompt, n_tokens: int) -> list[int]:
     """A short draft answer from prefix + query alone (no context), decoded greedily."""
     gc = GenerationConfig(gen_length=n_tokens, block_length=n_tokens, steps=n_tokens)
-    return generate(model, [prompt.prefix + prompt.query], gc, method="vanilla").tokens[0].tolist()
+    return generate(model, [prompt.prefix + prompt.query], gc, method=Vanilla()).tokens[0].tolist()
 
 
 def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig) -> torch.Tensor:
@@ -329,6 +329,7 @@ class Prefill:
     """Prefilling-dLLM as a sampler method (``generate(..., method="prefill", top_k=4, ...)``)."""
 
     name = "prefill"
+    supports_cfg = False  # the pool holds one conditional layout per request, no unconditional rows
 
     def __init__(self, config: PrefillConfig | None = None, cuda_graphs: bool = True, **overrides):
         self.cfg = PrefillConfig(**overrides) if config is None else config
@@ -425,15 +426,15 @@ class Prefill:
         if self.graph is not None and self.graph.key == (start, end):
             return self.graph(idx)
         take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
-        cache = self.cache  # not self: a captured graph keeps `step`, and self keeps the graph (a cycle)
+        cache = self.cache  # not self: a captured graph keeps `forward`, and self keeps the graph (a cycle)
         cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
         pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
 
-        def step(tokens):
+        def forward(tokens):
             return model(tokens, pos, cache=cache, logits_slice=slice(0, end - start))
 
         if self.cuda_graphs and graphs_available(x.device):
-            self.graph = capture(step, idx, key=(start, end))
+            self.graph = capture(forward, idx, key=(start, end))
             if self.graph is not None:
                 return self.graph(idx)
-        return step(idx)
+        return forward(idx)

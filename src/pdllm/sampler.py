@@ -4,15 +4,18 @@ parallel decoding, and decoding methods as small strategies for the current bloc
     x = prompt + [MASK] * gen_length, split into blocks of block_length
     for each block:
         for each step (steps // num_blocks of them, or until the block is full with a threshold):
-            logits = method.block_logits(x, block)     # the only thing a method changes
+            logits = method.block_logits(model, x, start, end, step)   # the only thing a method changes
             x0 = argmax(logits (+ Gumbel noise));  confidence = p(x0) (or random)
             unmask the most confident masked positions of the block
 
-A method is an object with ``begin(model, batch)`` (called once: build caches, score chunks ...)
-and ``block_logits(model, batch, x, start, end, step)`` returning (B, end - start, V) logits that
-predict the tokens of x[:, start:end]. Built in: ``vanilla`` (the whole sequence every step),
-``prefix`` and ``dual`` (Fast-dLLM's KV caches, refreshed at the first step of each block).
-Prefilling-dLLM (``prefill``) and the baselines (``dllm_cache``, ``dyllm``) plug in the same way.
+A method is an object with ``name``, ``supports_cfg`` (whether it can run classifier-free
+guidance's unconditional rows), ``stats`` (a dict merged into the output's), ``begin(model,
+batch)`` (called once: build caches, score chunks ...) and ``block_logits(model, x, start, end,
+step)`` returning (B, end - start, V) logits that predict the tokens of x[:, start:end] (``step``
+counts the steps of the current block from 0). Built in here: ``vanilla`` (the whole sequence
+every step), ``prefix`` and ``dual`` (Fast-dLLM's KV caches, refreshed at the first step of each
+block). Prefilling-dLLM (``prefill``) and the baselines (``dllm_cache``, ``dyllm``) plug in the
+same way. Names resolve through pdllm.methods, the registry; this module imports no method module.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class Vanilla:
     """The reference: the whole sequence through the model at every step."""
 
     name = "vanilla"
+    supports_cfg = True  # runs the unconditional half of a classifier-free-guidance batch like any other row
 
     def __init__(self):
         self.stats: dict = {}
@@ -173,12 +177,14 @@ class DenseCache:
     whole sequence runs and fills the cache; other steps run only the block (``dual``) or the
     block and everything after it (``prefix``) against the cached rows."""
 
-    def __init__(self, dual: bool = True, refresh_every: int | None = None, cuda_graphs: bool = True):
+    dual: bool  # set by the two registered kinds below
+    supports_cfg = True
+
+    def __init__(self, refresh_every: int | None = None, cuda_graphs: bool = True):
         if refresh_every is not None and refresh_every < 1:
             raise ValueError(f"refresh_every={refresh_every} must be >= 1 (or None: once per block)")
-        self.dual, self.refresh_every = dual, refresh_every
+        self.refresh_every = refresh_every
         self.cuda_graphs, self.graph = cuda_graphs, None  # replay cached steps from a CUDA graph
-        self.name = "dual" if dual else "prefix"
         self.stats: dict = {}
 
     def begin(self, model, batch: Batch):
@@ -193,40 +199,29 @@ class DenseCache:
         if not refresh and self.graph is not None and self.graph.key == (q0, q1, start, end):
             return self.graph(x[:, q0:q1])
 
-        cache = self.cache  # not self: a captured graph keeps `step`, and self keeps the graph (a cycle)
+        cache = self.cache  # not self: a captured graph keeps `forward`, and self keeps the graph (a cycle)
 
-        def step(tokens):
+        def forward(tokens):
             cache.window(q0)
             return model(tokens, b.pos[:, q0:q1], cache=cache, logits_slice=slice(start - shift - q0, end - shift - q0))
 
         if not refresh and self.cuda_graphs and graphs_available(x.device):
-            self.graph = capture(step, x[:, q0:q1], key=(q0, q1, start, end))
+            self.graph = capture(forward, x[:, q0:q1], key=(q0, q1, start, end))
             if self.graph is not None:
                 return self.graph(x[:, q0:q1])
-        return step(x[:, q0:q1])
+        return forward(x[:, q0:q1])
 
 
-def make_method(method, **kwargs):
-    """A method object from its name (or the object itself)."""
-    if not isinstance(method, str):
-        return method
-    if method == "vanilla":
-        return Vanilla(**kwargs)
-    if method in ("prefix", "dual"):
-        return DenseCache(dual=method == "dual", **kwargs)
-    if method == "prefill":
-        from pdllm.prefill import Prefill
+class PrefixCache(DenseCache):
+    """Fast-dLLM's prefix cache: cached steps run the block and everything after it."""
 
-        return Prefill(**kwargs)
-    if method == "dllm_cache":
-        from pdllm.baselines.dllm_cache import DllmCache
+    name, dual = "prefix", False
 
-        return DllmCache(**kwargs)
-    if method == "dyllm":
-        from pdllm.baselines.dyllm import DyLLM
 
-        return DyLLM(**kwargs)
-    raise ValueError(f"unknown method {method!r}; choose vanilla, prefix, dual, prefill, dllm_cache or dyllm")
+class DualCache(DenseCache):
+    """Fast-dLLM's dual cache: cached steps run the block alone, against cached prefix and suffix."""
+
+    name, dual = "dual", True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +253,21 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
     config = config or GenerationConfig()
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1 or hasattr(prompts, "token_ids"):
         prompts = [prompts]
-    method = make_method(method, **method_kwargs)
+    if isinstance(method, str):  # the registry sits above the sampler (it imports every method module)
+        from pdllm.methods import make_method
+
+        method = make_method(method, **method_kwargs)
+    elif method_kwargs:
+        raise ValueError(f"method knobs {sorted(method_kwargs)} go with a method name, not a method object")
     pad_id = model.cfg.eos_id if pad_id is None else pad_id
     batch = make_batch(model, prompts, config, pad_id)
     mask_id, dev = batch.mask_id, model.device
     x, P = batch.x, batch.prompt_len
     un_prompt = None
     if config.cfg_scale > 0:  # unconditional rows: the prompt masked out, run as a second half
-        if method.name not in ("vanilla", "prefix", "dual"):
-            raise ValueError(f"cfg_scale > 0 is supported by vanilla, prefix and dual, not {method.name}")
+        if not method.supports_cfg:
+            raise ValueError(f"cfg_scale > 0 is not supported by method {method.name!r} (it does not run the "
+                             "unconditional rows); set cfg_scale=0 or use a method whose supports_cfg is True")
         is_pad = torch.zeros_like(x[:, :P], dtype=torch.bool) if batch.key_mask is None else ~batch.key_mask[:, :P]
         un_prompt = torch.where(is_pad, x[:, :P], mask_id)
         keys = None if batch.key_mask is None else batch.key_mask.repeat(2, 1)

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
-from pdllm.baselines import finish_forward
+from pdllm.baselines import RecomputeCount, block_logits_from
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,7 @@ class DllmCache:
     """dLLM-Cache with prompt interval K_p, response interval K_r and V-verify fraction rho."""
 
     name = "dllm_cache"
+    supports_cfg = False  # never checked against vanilla with guidance's unconditional rows, so refused
 
     def __init__(self, prompt_interval: int = 100, response_interval: int = 8, rho: float = 0.25):
         for knob, value in (("prompt_interval", prompt_interval), ("response_interval", response_interval)):
@@ -104,9 +105,8 @@ class DllmCache:
         self.batch, self.forwards, self.last_rows = batch, 0, []
         self.rope = model.rope(batch.pos)  # (cos, sin), each (B, T, head_dim)
         self.mask = None if batch.key_mask is None else batch.key_mask[:, None, None, :]
-        self._recomputed, self._total = 0, 0
-        self.stats = {"recomputed_fraction": 0.0, "recomputed_rows": [], "prompt_refreshes": 0,
-                      "response_refreshes": 0}
+        self.recompute = RecomputeCount()
+        self.stats = {**self.recompute.stats(), "prompt_refreshes": 0, "response_refreshes": 0}
 
     def block_logits(self, model, x, start, end, step):
         self.forwards += 1
@@ -132,7 +132,9 @@ class DllmCache:
             self.last_rows.append(rows)
 
         counts = [B * r.shape[1] for r in self.last_rows]
-        return finish_forward(self, model, h, counts, start, end)
+        self.recompute.add(counts, B * T)
+        self.stats.update(self.recompute.stats())
+        return block_logits_from(model, h, start, end)
 
     def _v_verify(self, blk, layer, h, P):
         """Refresh the V of every response row; return the rows (B, k) whose V moved the most."""

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
-from pdllm.baselines import finish_forward
+from pdllm.baselines import RecomputeCount, block_logits_from
 from pdllm.model import apply_rope
 
 
@@ -86,6 +86,7 @@ class DyLLM:
     """DyLLM with num_full_steps dense forwards per request and saliency threshold tau."""
 
     name = "dyllm"
+    supports_cfg = False  # never checked against vanilla with guidance's unconditional rows, so refused
 
     def __init__(self, num_full_steps: int = 4, tau: float = 0.99, full_query_interval: int = 4):
         for knob, value, low, hint in (("num_full_steps", num_full_steps, 0, ""),
@@ -110,8 +111,8 @@ class DyLLM:
         self.batch, self.forwards, self.prev_x, self.last_salient = batch, 0, None, []
         self.rope = model.rope(batch.pos)  # (cos, sin), each (B, T, head_dim)
         self.mask = None if batch.key_mask is None else batch.key_mask[:, None, None, :]
-        self._recomputed, self._total = 0, 0
-        self.stats = {"recomputed_fraction": 0.0, "recomputed_rows": [], "dense_forwards": 0}
+        self.recompute = RecomputeCount()
+        self.stats = {**self.recompute.stats(), "dense_forwards": 0}
 
     def block_logits(self, model, x, start, end, step):
         processed, self.forwards = self.forwards, self.forwards + 1
@@ -131,7 +132,9 @@ class DyLLM:
             self.last_salient.append(incoming)
 
         counts = torch.stack([s.sum() for s in self.last_salient]).tolist()  # one sync per forward
-        return finish_forward(self, model, h, counts, start, end)
+        self.recompute.add(counts, B * T)
+        self.stats.update(self.recompute.stats())
+        return block_logits_from(model, h, start, end)
 
     def _layer(self, model, blk, layer, h, incoming, query, dense):
         """One block over the residual stream h (B, T, C); returns (h, this layer's salient rows)."""
