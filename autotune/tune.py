@@ -27,11 +27,9 @@ that many seconds, so a sweep always ends with a valid file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pdllm.autotune.configs import CONFIG_DIR, DTYPE_NAMES, device_key, load_config_file
+from pdllm.environment import environment as pdllm_environment
 
 TOTAL_HEADS = 32  # query heads of the tuning problems: Hkv = max(1, heads // group)
 TOP_TILES = 3  # tile shapes (BLOCK_N, warps, stages) whose split count is swept
@@ -171,7 +170,8 @@ def _ranked(configs, run):
 
 def tune_chunk_attention(problem, args, device, log):
     from pdllm.attention import chunk_attention_reference
-    from pdllm.triton_kernels.chunk_attention import block_m_for, chunk_attention, default_num_splits, num_sms
+    from pdllm.triton_kernels.chunk_attention import (block_m_for, bytes_moved, chunk_attention, default_num_splits,
+                                                      num_sms)
     import triton
 
     q, k_pools, v_pools, index, kv_len = problem
@@ -204,8 +204,7 @@ def tune_chunk_attention(problem, args, device, log):
     more_timed, more_rejected = _ranked(splits, run)
     rejected += more_rejected
     best_ms, best = min(timed + more_timed, key=lambda t: t[0])
-    elem = q.element_size()
-    nbytes = L * hkv * D * 2 * elem + 2 * q.numel() * elem
+    nbytes = bytes_moved(q, k_pool, index)
     entry = {
         "config": best,
         "base_programs": base,
@@ -245,20 +244,12 @@ TUNERS = {"chunk_attention": tune_chunk_attention, "key_attention_mass": tune_ke
 
 
 def environment(device: str) -> dict:
-    import triton
-
-    env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "date": datetime.date.today().isoformat()}
+    """pdllm.environment's record, plus the config table's device key."""
+    env = pdllm_environment()
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, device_key=device_key(props.name), sm_count=props.multi_processor_count)
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20, check=True).stdout.split()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            env["driver"] = None
+        env["device_key"] = device_key(env["device"])
     else:
-        env.update(device="triton-interpreter", device_key="cpu", sm_count=None, driver=None)
+        env.update(device="triton-interpreter", device_key="cpu", sm_count=None, memory_gib=None, driver=None)
     return env
 
 

@@ -155,14 +155,11 @@ def rotating_time_ms(fn) -> tuple[float, str]:
 
 
 def needed_bytes(case: Case) -> int:
-    _, _, _, index, _ = inputs(case)
-    return selected_bytes(index)
+    """Bytes every implementation must move (pdllm's bytes_moved: selected K and V rows, q and out)."""
+    from pdllm.triton_kernels.chunk_attention import bytes_moved
 
-
-def selected_bytes(index: torch.Tensor) -> int:
-    """Bytes every implementation must move: the selected K and V rows of every KV head, q and out."""
-    elem = torch.finfo(DTYPE).bits // 8
-    return index.numel() * HKV * D * 2 * elem + 2 * H * TQ * D * elem
+    q, k_cache, _, index, _ = inputs(case)
+    return bytes_moved(q, k_cache[0], index)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

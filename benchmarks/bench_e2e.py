@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
-import time
+from dataclasses import asdict
 
 import pytest
 import torch
 
-LLADA_8B = dict(arch="llada", vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5, mask_id=126336, bos_id=126080, eos_id=126081)
+from pdllm.environment import environment
+from pdllm.model import ModelConfig, build_random
+
+LLADA_8B = ModelConfig()  # ModelConfig's defaults are LLaDA-8B's shape and special tokens
 METHODS = {
     "vanilla": ("vanilla", {}),
     "dual": ("dual", {}),
@@ -39,28 +39,12 @@ METHODS = {
 }
 
 
-def environment() -> dict:
-    """GPU, driver, CUDA, torch and triton versions: every figure travels with them."""
-    import triton
-
-    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = "unknown"
-    return env
-
-
 def make_request(context_tokens: int, question_tokens: int = 64, prefix_tokens: int = 32, seed: int = 0):
     from pdllm.tokenizer import LongContextPrompt
 
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(1000, 100000, (n,), generator=g).tolist()  # noqa: E731
-    return LongContextPrompt(prefix=[LLADA_8B["bos_id"]] + ids(prefix_tokens - 1), context=ids(context_tokens),
+    return LongContextPrompt(prefix=[LLADA_8B.bos_id] + ids(prefix_tokens - 1), context=ids(context_tokens),
                              query=ids(question_tokens))
 
 
@@ -88,7 +72,6 @@ def run_one(model, request, method: str, steps: int = 32) -> dict:
 
 
 def main(argv=None):
-    from pdllm.model import ModelConfig, build_random
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="*", default=[8192, 16384, 32768])
@@ -102,8 +85,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    model = build_random(ModelConfig(**LLADA_8B), torch.bfloat16, "cuda")
-    results = {"environment": environment(), "model": LLADA_8B, "setup": {
+    model = build_random(LLADA_8B, torch.bfloat16, "cuda")
+    results = {"environment": environment(), "model": asdict(LLADA_8B), "setup": {
         "question_tokens": 64, "prefix_tokens": 32, "gen_length": 32, "block_length": 32, "steps": 32,
         "threshold": None, "top_k": 4, "chunk_size": 1024, "weights": "random bf16 (meta init, filled on GPU)",
         "throughput": "output tokens only", "timing": "wall clock with CUDA synchronisation, median of repeats"},
@@ -157,9 +140,8 @@ def main(argv=None):
 def llada8b():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from pdllm.model import ModelConfig, build_random
 
-    return build_random(ModelConfig(**LLADA_8B), torch.bfloat16, "cuda")
+    return build_random(LLADA_8B, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("method", ["dual", "prefill-attention", "prefill-draft"])

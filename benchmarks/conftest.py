@@ -15,7 +15,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceilings import HAS_CUDA, copy_gbps, gpu_info  # noqa: E402
+from ceilings import HAS_CUDA, copy_gbps  # noqa: E402
+
+from pdllm.environment import environment  # noqa: E402
 
 if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them with
     collect_ignore_glob = ["bench_*.py"]
@@ -55,13 +57,13 @@ def gpu_ceilings():
         ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
         CEILINGS["matmul_bf16_tflops"] = 2 * m**3 / (ms * 1e-3) / 1e12
         del a, b
-        CEILINGS.update(gpu_info())
+        CEILINGS.update(environment())
         torch.cuda.empty_cache()
     return CEILINGS
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["gpu"] = dict(CEILINGS) if CEILINGS else (gpu_info() if HAS_CUDA else None)
+    machine_info["gpu"] = dict(CEILINGS) if CEILINGS else (environment() if HAS_CUDA else None)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -49,7 +49,7 @@ def main(path: str):
         ax.set_xlabel("batch size")
         ax.set_title(f"{batched[0]['method']} at {batched[0]['context_tokens'] // 1024}K: output tok/s", fontsize=9)
     env = data["environment"]
-    fig.suptitle(f"LLaDA-8B shape, gen 32 / block 32 / 32 steps, top-4 x 1024 — {env.get('gpu')}, "
+    fig.suptitle(f"LLaDA-8B shape, gen 32 / block 32 / 32 steps, top-4 x 1024 — {env.get('device', env.get('gpu'))}, "
                  f"torch {env['torch']}, triton {env['triton']} (speedup vs vanilla above bars)", fontsize=8)
     fig.tight_layout()
     out = Path(path).with_suffix(".png")

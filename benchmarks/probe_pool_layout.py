@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_chunk_attention import D, DTYPE, HKV, ROTATE, TQ, H, rotating_time_ms, selected_bytes, sparse_index  # noqa: E402
+from bench_chunk_attention import D, DTYPE, HKV, ROTATE, TQ, H, rotating_time_ms, sparse_index  # noqa: E402
 from ceilings import copy_gbps  # noqa: E402
 
 
 def time_layout(P: int, pad: int, row_major: bool, config: dict, copy: float) -> dict:
-    from pdllm.triton_kernels.chunk_attention import chunk_attention
+    from pdllm.triton_kernels.chunk_attention import bytes_moved, chunk_attention
 
     g = torch.Generator(device="cuda").manual_seed(P)
     q = torch.randn(1, H, TQ, D, device="cuda", dtype=DTYPE, generator=g)
@@ -35,7 +35,7 @@ def time_layout(P: int, pad: int, row_major: bool, config: dict, copy: float) ->
         k, v = (torch.randn(ROTATE, HKV, P + pad, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
     index = sparse_index(P, g)
     kv_len = torch.tensor([index.shape[1]], dtype=torch.int32, device="cuda")
-    nbytes = selected_bytes(index)
+    nbytes = bytes_moved(q, k[0], index)
     ms = rotating_time_ms(lambda i: chunk_attention(q, k[i], v[i], index, kv_len, config=config)[0])[0]
     return {"pool_rows": P, "pad_rows": pad, "storage": "(L, P, Hkv, D)" if row_major else "(L, Hkv, P, D)",
             "config": config, "time_us": ms * 1e3, "pct_copy_bw": 100 * nbytes / (ms * 1e-3) / 1e9 / copy}

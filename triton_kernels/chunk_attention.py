@@ -253,6 +253,14 @@ def _check_inputs(q, k_pool, v_pool, kv_index, kv_len, v_name="v_pool"):
     return B, H, Tq, D, Hkv, P, kv_index.shape[1]
 
 
+def bytes_moved(q: torch.Tensor, k_pool: torch.Tensor, kv_index: torch.Tensor) -> int:
+    """The bytes any implementation of one call must move: the selected K and V rows of every KV
+    head, q read and out written. Benchmarks and the tuner report rates against it."""
+    elem = q.element_size()
+    Hkv, D = k_pool.shape[0], k_pool.shape[-1]
+    return kv_index.numel() * Hkv * D * 2 * elem + 2 * q.numel() * elem
+
+
 def block_m_for(rows: int) -> int:
     """Query rows per program: the group's rows rounded up to a power of two, 16 to 128."""
     return max(16, min(128, next_pow2(max(rows, 1))))
