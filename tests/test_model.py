@@ -131,11 +131,13 @@ def test_unexpected_and_missing_keys(llada_dir, copy_of):
     key = "model.transformer.ln_f.weight"
     shard = _shard_of(d, key)
     _edit_tensors(shard, lambda t: {("model.transformer.ln_final.weight" if k == key else k): v for k, v in t.items()})
-    del index["weight_map"][key]
+    index["weight_map"]["model.transformer.ln_final.weight"] = index["weight_map"].pop(key)
     index_file.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="unexpected tensors.*ln_final"):
         from_pretrained(d)
     _edit_tensors(shard, lambda t: {k: v for k, v in t.items() if "ln_final" not in k})
+    del index["weight_map"]["model.transformer.ln_final.weight"]
+    index_file.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"missing tensors \['model.transformer.ln_f.weight'\]"):
         from_pretrained(d)
 
@@ -175,6 +177,144 @@ def test_directory_problems(tmp_path, llada_dir, copy_of):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="pickle files are never loaded"):
         from_pretrained(d)
+
+
+# ---- nothing outside the checkpoint is opened ----------------------------------------------
+
+def _set_index_entry(ckpt, key, value):
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"][key] = value
+    index_file.write_text(json.dumps(index))
+
+
+KEY = "model.transformer.ln_f.weight"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("../outside.safetensors", "points outside the checkpoint directory"),
+    ("/etc/passwd", "points outside the checkpoint directory"),
+    ("/dev/zero", "points outside the checkpoint directory"),
+    ("", "is not a file name"),
+    (5, r"weight_map\['model.transformer.ln_f.weight'\] is 5, not a shard file name"),
+    (None, "not a shard file name"),
+])
+def test_index_entries_outside_the_directory_are_refused(llada_dir, copy_of, entry, message):
+    d = copy_of(llada_dir)
+    (d.parent / "outside.safetensors").write_bytes((d / _shard_of(d, KEY).name).read_bytes())
+    _set_index_entry(d, KEY, entry)
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(d)
+
+
+def test_links_out_of_the_directory_and_non_regular_files_are_refused(llada_dir, copy_of, tmp_path):
+    import os
+    d = copy_of(llada_dir)
+    shard = _shard_of(d, KEY)
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)  # a link leaving the directory: refused even though the file is fine
+    with pytest.raises(CheckpointError, match=rf"{shard.name}' is a link to .*elsewhere.safetensors, outside the checkpoint"):
+        from_pretrained(d)
+    shard.unlink()
+    os.mkfifo(shard)  # a named pipe would block open() forever: it must be refused without opening it
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        from_pretrained(d)
+    shard.unlink()
+    shard.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        from_pretrained(d)
+    shard.unlink()
+    (d / "inside.safetensors").write_bytes(outside.read_bytes())
+    shard.symlink_to(d / "inside.safetensors")  # a link that stays inside is fine
+    from_pretrained(d)
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+    with pytest.raises(CheckpointError, match="config.json' in .* is not a regular file"):
+        from_pretrained(d)
+
+
+def test_hf_cache_snapshot_links_into_its_blobs(llada_dir, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> links to ../../blobs/<hash>; that is one checkpoint."""
+    repo = tmp_path / "models--x--y"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(llada_dir.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(f"../../blobs/blob{i}")
+    from_pretrained(snap)
+
+
+@pytest.mark.parametrize("weight_map", [["a", "b"], "model.safetensors", {}])
+def test_weight_map_must_be_an_object(llada_dir, copy_of, weight_map):
+    d = copy_of(llada_dir)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="needs a 'weight_map' object"):
+        from_pretrained(d)
+
+
+# ---- silent wrong answers become errors ----------------------------------------------------
+
+def test_a_tensor_in_the_wrong_shard_is_refused(llada_dir, copy_of):
+    from safetensors.torch import load_file
+    d = copy_of(llada_dir)
+    shard = _shard_of(d, KEY)
+    other = next(f for f in d.glob("model-*.safetensors") if f != shard)
+    stray = load_file(str(shard))[KEY] + 1  # would silently replace the real one
+    _edit_tensors(other, lambda t: {**t, KEY: stray})
+    with pytest.raises(CheckpointError, match=rf"{other.name}: holds '{KEY}', which the index assigns to {shard.name}"):
+        from_pretrained(d)
+    _edit_tensors(other, lambda t: {**t, "model.transformer.extra.weight": stray})
+    with pytest.raises(CheckpointError, match="which the index does not list"):
+        from_pretrained(d)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(llada_dir, copy_of, bad):
+    d = copy_of(llada_dir)
+    key = "model.transformer.blocks.1.ff_out.weight"
+    shard = _shard_of(d, key)
+
+    def poison(t):
+        t[key][3, 5] = bad
+        return t
+    _edit_tensors(shard, poison)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: {key} holds NaN or Inf values"):
+        from_pretrained(d)
+
+
+def test_float16_overflow_is_named(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    shard = _shard_of(d, KEY)
+    _edit_tensors(shard, lambda t: {**t, KEY: t[KEY] * 1e6})  # finite in fp32, beyond fp16's 65504
+    from_pretrained(d, torch.float32)
+    with pytest.raises(CheckpointError, match="NaN or Inf values in torch.float16.*overflow"):
+        from_pretrained(d, torch.float16)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda hf: [hf], "holds a JSON list, not an object of model settings"),
+    (lambda hf: {**hf, "max_sequence_length": 0}, "max_positions=0 must be a positive integer"),
+    (lambda hf: {**hf, "max_sequence_length": -5}, "max_positions=-5 must be a positive integer"),
+    (lambda hf: {**hf, "bos_token_id": 10**6}, "bos_token_id=1000000 is outside the vocabulary"),
+    (lambda hf: {**hf, "eos_token_id": -1}, "eos_token_id=-1 is outside the vocabulary"),
+    (lambda hf: {**hf, "d_model": "64"}, "d_model='64' must be a positive integer"),
+    (lambda hf: {**hf, "rope_theta": "big"}, "rope_theta='big' must be a number"),
+    (lambda hf: {**hf, "mask_token_id": 1.5}, "mask_id=1.5 must be a token id"),
+])
+def test_config_values_are_checked(llada_dir, copy_of, edit, message):
+    d = copy_of(llada_dir)
+    (d / "config.json").write_text(json.dumps(edit(json.loads((d / "config.json").read_text()))))
+    with pytest.raises(CheckpointError, match=message):
+        load_config(d)
+
+
+def test_undecodable_config_is_a_checkpoint_error(llada_dir, copy_of):
+    d = copy_of(llada_dir)
+    (d / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+        load_config(d)
 
 
 def test_bad_dtype_name(llada_dir):

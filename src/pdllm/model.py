@@ -15,7 +15,9 @@ position-free: whoever reads it never needs to know where its rows came from.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,10 @@ from pdllm.attention import dense_attention
 # ---------------------------------------------------------------------------------------------
 
 ARCHS = ("llada", "dream")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -54,9 +60,16 @@ class ModelConfig:
         problems = []
         if self.arch not in ARCHS:
             problems.append(f"arch={self.arch!r} is not one of {ARCHS}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "max_positions"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("mask_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if (value is not None or name == "mask_id") and not _is_int(value):
+                problems.append(f"{name}={value!r} must be a token id (an integer)")
+        for name in ("rope_theta", "norm_eps"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be a number")
         if not problems:
             if self.d_model % self.n_heads:
                 problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -66,8 +79,8 @@ class ModelConfig:
                 problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
             if not 0 <= self.mask_id < self.vocab_size:
                 problems.append(f"mask_id={self.mask_id} is outside the vocabulary (size {self.vocab_size})")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            problems.append("rope_theta and norm_eps must be positive")
+            if not (self.rope_theta > 0 and self.norm_eps > 0):
+                problems.append("rope_theta and norm_eps must be positive")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -127,9 +140,16 @@ class ModelConfig:
             else:
                 value = default
             kw[ours] = value
-        if isinstance(kw["eos_id"], list):
+        if isinstance(kw["eos_id"], list) and kw["eos_id"]:
             kw["eos_id"] = kw["eos_id"][0]
-        return cls(**kw)
+        cfg = cls(**kw)
+        for ours, theirs, _ in cls.HF_NAMES[arch]:  # a checkpoint's BOS/EOS must be real tokens of its vocabulary
+            value = getattr(cfg, ours)
+            if ours in ("bos_id", "eos_id") and value is not None and not 0 <= value < cfg.vocab_size:
+                given = "" if theirs in hf else " (the default; the file does not set it)"
+                raise ValueError(f"{source}: {theirs}={value}{given} is outside the vocabulary (size "
+                                 f"{cfg.vocab_size}); set {theirs} to the tokenizer's id for that token")
+        return cfg
 
     def to_hf(self) -> dict:
         hf = {"model_type": self.arch if self.arch == "llada" else "Dream", "architectures":
@@ -382,25 +402,74 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file/key and the fix."""
 
 
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where a checkpoint's files may live once links are resolved: the directory itself, and for a
+    Hugging Face cache snapshot (<repo>/snapshots/<rev>/, whose files link to <repo>/blobs/) the
+    repository's blobs folder. Nothing else is ever opened."""
+    roots = [path.resolve()]
+    if path.resolve().parent.name == "snapshots":
+        roots.append(path.resolve().parent.parent / "blobs")
+    return roots
+
+
+def checkpoint_file(path: Path, name: str, source: str, missing: str | None = None) -> Path:
+    """The regular file `name` inside checkpoint directory `path`, resolved; a CheckpointError for a
+    name that leaves the directory (absolute, '..', a link pointing out), is missing (`missing` is
+    that message) or is not a regular file (a named pipe would block the loader, a device would be
+    read forever). `source` says who named the file (e.g. the index entry), for the message."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{source}: {name!r} is not a file name; give a file name inside {path}")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{source}: {name!r} points outside the checkpoint directory {path}; "
+                              "only files inside it are read (give a plain file name such as model-00001.safetensors)")
+    if not os.path.lexists(path / name):
+        raise CheckpointError(missing or f"{source}: {name!r} is not in {path}; copy it there")
+    target = (path / name).resolve()
+    if not any(target.is_relative_to(root) for root in _allowed_roots(path)):
+        raise CheckpointError(f"{source}: {name!r} is a link to {target}, outside the checkpoint directory {path}; "
+                              "copy the file into the directory instead of linking to it")
+    try:
+        mode = os.stat(target).st_mode  # stat, never open: opening a named pipe blocks
+    except OSError as e:
+        raise CheckpointError(f"{source}: cannot read {name!r} in {path} ({e.strerror}); copy the file there") from e
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{source}: {name!r} in {path} is not a regular file (a pipe, device or directory); "
+                              "replace it with the real file")
+    return target
+
+
+def read_checkpoint_json(path: Path, name: str, missing: str | None = None):
+    """Parse the JSON file `name` of a checkpoint directory (checked as in checkpoint_file)."""
+    file = checkpoint_file(path, name, str(path / name), missing)
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path / name}: invalid JSON ({e}); restore the file from the checkpoint") from e
+
+
 def _weight_files(path: Path) -> dict[Path, list[str] | None]:
     """Map each safetensors file to the HF keys the index says it holds (None: no index)."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); it needs a 'weight_map' object") from e
-        files: dict[Path, list[str]] = {}
+    if os.path.lexists(index):
+        content = read_checkpoint_json(path, index.name)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: not a valid safetensors index; it needs a 'weight_map' object "
+                                  "mapping each tensor name to its shard file")
+        names: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
-            files.setdefault(path / fname, []).append(key)
-        for f, keys in files.items():
-            if not f.exists():
-                raise CheckpointError(f"missing shard {f.name} (listed in {index.name} for {len(keys)} tensors, "
-                                      f"e.g. {keys[0]!r}); download or copy it into {path}")
+            if not isinstance(fname, str):
+                raise CheckpointError(f"{index}: weight_map[{key!r}] is {fname!r}, not a shard file name")
+            names.setdefault(fname, []).append(key)
+        files: dict[Path, list[str]] = {}
+        for fname, keys in names.items():
+            missing = (f"missing shard {fname} (listed in {index.name} for {len(keys)} tensors, e.g. {keys[0]!r}); "
+                       f"download or copy it into {path}")
+            files.setdefault(checkpoint_file(path, fname, f"{index.name} entry {keys[0]!r}", missing), []).extend(keys)
         return files
     single = path / "model.safetensors"
-    if single.exists():
-        return {single: None}
+    if os.path.lexists(single):
+        return {checkpoint_file(path, single.name, str(path)): None}
     found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     hint = f" (found {found}: pickle files are never loaded; convert them to safetensors)" if found else ""
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
@@ -411,22 +480,74 @@ def load_config(path: str | Path) -> ModelConfig:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: config.json is missing; a HF checkpoint directory needs one")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    hf = read_checkpoint_json(path, "config.json", f"{path}: config.json is missing; a HF checkpoint directory needs one")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: holds a JSON {type(hf).__name__}, not an object of model settings; "
+                              "restore the checkpoint's config.json")
     try:
         return ModelConfig.from_hf(hf, str(cfg_file))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(str(e)) from e
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device="cpu") -> Transformer:
-    """Load a HF LLaDA/Dream checkpoint directory with safetensors, checking every key and shape."""
+def _read_weights(path: Path, cfg: ModelConfig, expected: dict, dtype: torch.dtype, device) -> dict:
+    """Every tensor of the checkpoint, checked (name, shard, shape, dtype, finite) and put on `device`."""
     from safetensors import SafetensorError, safe_open
 
+    files = _weight_files(path)
+    shard_of = {key: file.name for file, keys in files.items() for key in keys or []}
+    state, origin, unexpected, extremes = {}, {}, [], []
+    for file, listed in files.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                for key in listed or []:
+                    if key not in keys:
+                        raise CheckpointError(f"{file.name}: the index lists {key!r} in this shard but it is not there")
+                for key in keys:
+                    if listed is not None and key not in listed:  # the index puts it elsewhere, or nowhere
+                        where = f"the index assigns to {shard_of[key]}" if key in shard_of else "the index does not list"
+                        raise CheckpointError(f"{file.name}: holds {key!r}, which {where}; a tensor must be in "
+                                              "exactly the shard the index names (restore the shard or the index)")
+                    name = hf_to_ours(cfg.arch, key)
+                    if name is None or name not in expected:
+                        unexpected.append(f"{key} ({file.name})")
+                        continue
+                    if name in state:
+                        raise CheckpointError(f"{file.name}: {key} is also in {origin[name]}; keep one copy")
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[name]):
+                        raise CheckpointError(f"{file.name}: {key} has shape {tuple(t.shape)}, expected "
+                                              f"{tuple(expected[name])} from config.json; is this the right config?")
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"{file.name}: {key} has dtype {t.dtype}; weights must be floating point")
+                    state[name], origin[name] = t.to(device=device, dtype=dtype), file.name
+                    extremes.append(torch.stack(torch.aminmax(state[name])))  # NaN and +-Inf survive min/max
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); it is truncated or corrupt, "
+                                  "download it again") from e
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                              f"for a {cfg.arch} model with {cfg.n_layers} layers; is config.json right?")
+    missing = [ours_to_hf(cfg.arch, n) for n in expected if n not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    finite = torch.stack(extremes).isfinite().all(dim=1).tolist()  # one device sync for the whole model
+    if not all(finite):
+        name = list(state)[finite.index(False)]
+        raise CheckpointError(f"{origin[name]}: {ours_to_hf(cfg.arch, name)} holds NaN or Inf values in {dtype}; "
+                              "the file is corrupt (download it again) or its values overflow this dtype "
+                              "(load in bfloat16 or float32)")
+    return state
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device="cpu") -> Transformer:
+    """Load a HF LLaDA/Dream checkpoint directory with safetensors, checking every key and shape.
+
+    Only regular files inside `path` are opened (see checkpoint_file); every problem is a
+    CheckpointError that names the file and key."""
     path = Path(path)
     cfg = load_config(path)
     if isinstance(dtype, str):
@@ -436,36 +557,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
-    state, unexpected = {}, []
-    for file, listed in _weight_files(path).items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-                for key in listed or []:
-                    if key not in keys:
-                        raise CheckpointError(f"{file.name}: the index lists {key!r} in this shard but it is not there")
-                for key in keys:
-                    name = hf_to_ours(cfg.arch, key)
-                    if name is None or name not in expected:
-                        unexpected.append(f"{key} ({file.name})")
-                        continue
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[name]):
-                        raise CheckpointError(f"{file.name}: {key} has shape {tuple(t.shape)}, expected "
-                                              f"{tuple(expected[name])} from config.json; is this the right config?")
-                    if not t.is_floating_point():
-                        raise CheckpointError(f"{file.name}: {key} has dtype {t.dtype}; weights must be floating point")
-                    state[name] = t.to(device=device, dtype=dtype)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); it is truncated or corrupt, "
-                                  "download it again") from e
-    missing = [n for n in expected if n not in state]
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                              f"for a {cfg.arch} model with {cfg.n_layers} layers; is config.json right?")
-    if missing:
-        names = [ours_to_hf(cfg.arch, n) for n in missing]
-        raise CheckpointError(f"{path}: missing tensors {names[:5]}{' ...' if len(names) > 5 else ''}")
+    state = _read_weights(path, cfg, expected, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -503,4 +595,4 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int |
 
 
 __all__ = ["ModelConfig", "Transformer", "Block", "RMSNorm", "rope_cos_sin", "apply_rope", "build_random",
-           "from_pretrained", "save_pretrained", "load_config", "CheckpointError", "hf_to_ours", "ours_to_hf"]
+           "from_pretrained", "save_pretrained", "load_config", "CheckpointError", "checkpoint_file", "hf_to_ours", "ours_to_hf"]
