@@ -44,12 +44,17 @@ import torch.nn.functional as F
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache, KVRecorder
 from pdllm.graphs import StepGraph, capture, graphs_available
+from pdllm.official import confidence_draft
 from pdllm.sampler import Batch, GenerationConfig, Vanilla, generate, synchronize
 from pdllm.tokenizer import LongContextPrompt
 
 SCORE_MODES = ("attention", "draft")
 CACHE_MODES = ("full_prompt_mask", "chunk_query")
 POSITION_MODES = ("continuous", "reuse", "absolute")
+CHUNKINGS = ("bos_added", "bos_in_chunk")  # the BOS is an extra row | takes one of the chunk_size rows (official)
+DRAFT_DECODERS = ("sampler", "confidence")  # pdllm's sampler | the official confidence rule (pdllm.official)
+DRAFT_LIKELIHOODS = ("masked", "causal", "leave_one_out", None)
+POSITION_GRIDS = ("lengths", "chunk_size")  # chunks take their real lengths | a chunk_size grid (official, Dream)
 
 
 @dataclass
@@ -64,28 +69,66 @@ class PrefillConfig:
     score_batch: int = 8  # chunks per scoring forward
     pool_kernel: int = 7  # max-pool width along tokens (SnapKV)
     draft_tokens: int = 4  # draft scoring: length of the draft answer
-    draft_likelihood: str | None = None  # "masked" | "causal"; None: causal for shifted-logit models
+    draft_likelihood: str | None = None  # see DRAFT_LIKELIHOODS; None: causal for shifted-logit models, else masked
+    draft_decoder: str = "sampler"  # see DRAFT_DECODERS
+    draft_rounds: int | None = None  # confidence draft: R rounds of one slot each; None: until full (threshold)
+    draft_threshold: float = 0.9  # confidence draft until full: every slot at or above it is unmasked
+    draft_draws_mask: bool = True  # confidence draft: [MASK] may win the argmax (the official code allows it)
+    draft_scored: str = "all"  # "all" draft slots are scored, or only the "confirmed" ones (the rest stay [MASK])
+    chunking: str = "bos_added"  # see CHUNKINGS
     token_capacity: int | None = None  # tokens kept per selected chunk (BOS included); None = all
     token_query_window: int = 8  # token sparsity scores with the last N query rows, all layers
     cache_mode: str = "full_prompt_mask"
     chunk_query_window: int = 8  # chunk_query: each chunk is encoded with the last N query tokens
     positions: str = "continuous"
+    position_grid: str = "lengths"  # see POSITION_GRIDS and build_layout
+
+    @classmethod
+    def official(cls, arch: str, **overrides) -> "PrefillConfig":
+        """The official code's selection, step by step, as its README's best LongBench run sets it
+        (``arch``: "dream" or "llada"; README "Reproducing the official code" lists each knob).
+
+        Per model, as the official code runs them: Dream scores the draft with next-token
+        log-probabilities under a causal mask and places chunks on a chunk_size grid; for LLaDA it
+        scores each label token masked alone (full attention: Fast-dLLM's LLaDA ignores the causal
+        mask it is given) and positions follow the sequence (its LLaDA takes no position ids).
+        """
+        if arch not in ("dream", "llada"):
+            raise ValueError(f"PrefillConfig.official(arch={arch!r}): arch must be 'dream' or 'llada'")
+        dream = arch == "dream"
+        knobs = dict(chunk_size=1024, top_k=4, chunk_bos=True, chunking="bos_in_chunk", score="draft",
+                     draft_tokens=4, draft_decoder="confidence", draft_rounds=1, draft_threshold=0.9,
+                     draft_draws_mask=True, draft_scored="confirmed",
+                     draft_likelihood="causal" if dream else "leave_one_out", score_batch=8, token_capacity=None,
+                     cache_mode="full_prompt_mask", positions="continuous",
+                     position_grid="chunk_size" if dream else "lengths")
+        return cls(**{**knobs, **overrides})
 
     def __post_init__(self):
         problems = []
         if self.chunk_size < 1:
             problems.append(f"chunk_size={self.chunk_size} must be >= 1")
+        if self.chunking == "bos_in_chunk" and self.chunk_bos and self.chunk_size < 2:
+            problems.append(f"chunking='bos_in_chunk' needs chunk_size >= 2 (the BOS takes one of its {self.chunk_size} rows)")
         if self.top_k < 1:
             problems.append(f"top_k={self.top_k} must be >= 1 (use a K >= the number of chunks to keep all)")
         for name, value, allowed in (("score", self.score, SCORE_MODES), ("cache_mode", self.cache_mode, CACHE_MODES),
                                      ("positions", self.positions, POSITION_MODES),
-                                     ("draft_likelihood", self.draft_likelihood, ("masked", "causal", None))):
+                                     ("draft_likelihood", self.draft_likelihood, DRAFT_LIKELIHOODS),
+                                     ("draft_decoder", self.draft_decoder, DRAFT_DECODERS),
+                                     ("draft_scored", self.draft_scored, ("all", "confirmed")),
+                                     ("chunking", self.chunking, CHUNKINGS),
+                                     ("position_grid", self.position_grid, POSITION_GRIDS)):
             if value not in allowed:
                 problems.append(f"{name}={value!r} must be one of {allowed}")
         if self.token_capacity is not None and self.token_capacity < 1 + self.chunk_bos:
             problems.append(f"token_capacity={self.token_capacity} must keep at least one token besides the BOS")
         if self.score_depth is not None and self.score_depth < 1:
             problems.append(f"score_depth={self.score_depth} must be >= 1 (or None: the full depth)")
+        if self.draft_rounds is not None and self.draft_rounds < 0:
+            problems.append(f"draft_rounds={self.draft_rounds} must be >= 0 (or None: decode the draft until full)")
+        if not 0.0 < self.draft_threshold <= 1.0:
+            problems.append(f"draft_threshold={self.draft_threshold} must be in (0, 1]")
         if self.score_slots is not None and self.score_slots < 0:
             problems.append(f"score_slots={self.score_slots} must be >= 0")
         if min(self.score_layers, self.score_batch, self.draft_tokens, self.token_query_window,
@@ -100,14 +143,26 @@ class PrefillConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_chunks(context: list[int], chunk_size: int, bos_id: int | None) -> list[list[int]]:
-    """Consecutive chunks of chunk_size tokens (the last may be shorter), each led by bos_id."""
+def split_chunks(context: list[int], chunk_size: int, bos_id: int | None, chunking: str = "bos_added") -> list[list[int]]:
+    """Consecutive pieces of chunk_size tokens (the last may be shorter), each led by bos_id.
+
+    ``bos_added``: the BOS is an extra row (chunk_size + 1 rows, nothing lost). ``bos_in_chunk``
+    (the official code): the BOS is put in front and the chunk cut back to chunk_size rows, so
+    the last token of every full piece is dropped, never scored nor decoded; a piece that
+    already starts with BOS gets none and keeps all its tokens.
+    """
     if not context:
         raise ValueError("empty context: there is nothing to chunk")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    lead = [] if bos_id is None else [bos_id]
-    return [lead + context[i : i + chunk_size] for i in range(0, len(context), chunk_size)]
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"chunking={chunking!r} must be one of {CHUNKINGS}")
+    pieces = [context[i : i + chunk_size] for i in range(0, len(context), chunk_size)]
+    if bos_id is None:
+        return pieces
+    if chunking == "bos_added":
+        return [[bos_id] + p for p in pieces]
+    return [p if p[0] == bos_id else ([bos_id] + p)[:chunk_size] for p in pieces]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,21 +256,42 @@ def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: Prefil
     return torch.stack([s.mean() for s in per_token])
 
 
-def draft_answer(model, prompt: LongContextPrompt, n_tokens: int) -> list[int]:
-    """A short draft answer from prefix + query alone (no context), decoded greedily."""
-    gc = GenerationConfig(gen_length=n_tokens, block_length=n_tokens, steps=n_tokens)
-    return generate(model, [prompt.prefix + prompt.query], gc, method=Vanilla()).tokens[0].tolist()
+def draft_answer(model, prompt: LongContextPrompt, cfg: PrefillConfig) -> tuple[list[int], list[bool]]:
+    """A short draft answer from prefix + query alone (no context), decoded greedily, and which of
+    its slots the scores read (``cfg.draft_scored``).
+
+    ``sampler``: pdllm's vanilla sampler over prefix + query + [MASK] * n, one slot per step.
+    ``confidence``: the official procedure (``pdllm.official.confidence_draft``): the prompt
+    encoded alone, the slots against its KV, slot 0 from its logit, then ``draft_rounds`` rounds of
+    the single most confident slot, or until full by ``draft_threshold``; unconfirmed slots stay
+    [MASK] in the draft.
+    """
+    n, ids = cfg.draft_tokens, prompt.prefix + prompt.query
+    if cfg.draft_decoder == "sampler":
+        gc = GenerationConfig(gen_length=n, block_length=n, steps=n)
+        draft, confirmed = generate(model, [ids], gc, method=Vanilla()).tokens[0].tolist(), [True] * n
+    else:
+        draft, confirmed = confidence_draft(model, ids, n, cfg.draft_rounds, cfg.draft_threshold, cfg.draft_draws_mask)
+    return draft, confirmed if cfg.draft_scored == "confirmed" else [True] * n
 
 
-def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig) -> torch.Tensor:
+def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig,
+                       scored: list[bool] | None = None) -> torch.Tensor:
     """Chunk score = mean log-probability of the draft (higher = the chunk supports the answer).
 
     ``masked`` (bidirectional models, LLaDA): the draft slots are [MASK]; score the true draft
     token at each slot — the masked-diffusion likelihood. ``causal`` (AR-initialised, Dream): a
     causal mask, and the log-probability of every query and draft token given what precedes it.
+    ``leave_one_out`` (the official code's LLaDA score): every query and draft token scored with
+    itself alone masked, full attention, one row per token. ``scored`` (default all) says which
+    draft slots count; the others stay in the row as they are (official: [MASK]) and are not read.
     """
     mode = cfg.draft_likelihood or ("causal" if model.cfg.logit_shift else "masked")
     dev, mask_id, P, Q, d = model.device, model.cfg.mask_id, len(prompt.prefix), len(prompt.query), len(draft)
+    scored = [True] * d if scored is None else list(scored)
+    keep = torch.tensor(scored if mode == "masked" else [True] * Q + scored, device=dev)  # columns read
+    if not keep.any():
+        raise ValueError("no draft token is scored: keep at least one slot")
     scores = torch.empty(len(chunks))
     for ids in _batches(chunks, cfg.score_batch):
         C = len(chunks[ids[0]])
@@ -224,6 +300,9 @@ def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: Pre
         T = idx.shape[1]
         pos = torch.arange(T, device=dev).expand_as(idx)
         target = torch.tensor(draft, device=dev)
+        if mode == "leave_one_out":
+            scores[ids] = _leave_one_out_logp(model, idx, keep.nonzero().squeeze(1) + P + C, cfg.score_batch).mean(1).cpu()
+            continue
         if mode == "masked":
             logits = model(idx, pos, logits_slice=slice(T - d, T)).float()  # (B, d, V)
         else:
@@ -231,8 +310,25 @@ def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: Pre
             logits = model(idx, pos, mask=causal, logits_slice=slice(P + C - 1, T - 1)).float()
             target = torch.cat([torch.tensor(prompt.query, device=dev), target])
         logp = logits.log_softmax(dim=-1).gather(-1, target.expand(len(ids), -1)[..., None]).squeeze(-1)
-        scores[ids] = logp.mean(dim=1).cpu()
+        scores[ids] = logp[:, keep].mean(dim=1).cpu()
     return scores
+
+
+def _leave_one_out_logp(model, idx: torch.Tensor, at: torch.Tensor, batch: int) -> torch.Tensor:
+    """log p(idx[b, a] | idx[b] with position a alone masked) for every row b and a in ``at``: (B, len(at)).
+    The (row, position) pairs run ``batch`` per forward, full attention, positions 0..T-1."""
+    B, T = idx.shape
+    pairs = torch.cartesian_prod(torch.arange(B, device=idx.device), at)  # (B * A, 2): row, masked position
+    logp = torch.empty(len(pairs), device=idx.device)
+    for g in range(0, len(pairs), batch):
+        rows, cols = pairs[g : g + batch].unbind(1)
+        n = len(rows)
+        x = idx[rows].clone()
+        x[torch.arange(n), cols] = model.cfg.mask_id
+        hidden = model(x, torch.arange(T, device=idx.device).expand(n, T), return_hidden=True)  # (n, T, C)
+        logits = model.lm_head(hidden[torch.arange(n), cols]).float()  # (n, V)
+        logp[g : g + n] = logits.log_softmax(dim=-1).gather(-1, idx[rows, cols][:, None]).squeeze(1)
+    return logp.view(B, len(at))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,19 +375,28 @@ class Layout:
     gen_start: int
 
 
-def build_layout(prompt: LongContextPrompt, chunks, selected, kept, gen_length, mode, mask_id) -> Layout:
-    """Where every kept token sits, and its position id under ``mode``."""
-    P, lengths = len(prompt.prefix), [len(c) for c in chunks]
+def build_layout(prompt: LongContextPrompt, chunks, selected, kept, gen_length, mode, mask_id,
+                 grid: int | None = None) -> Layout:
+    """Where every kept token sits, and its position id under ``mode``.
+
+    Each chunk takes as many positions as it has rows (``grid=None``), or exactly ``grid`` of
+    them (the official code's Dream path, grid = chunk_size): continuous puts the k-th selected
+    chunk at P + k * grid and the query at P + K * grid, reuse every chunk at P and the query at
+    P + grid, absolute chunk i at P + i * grid and the query after the last chunk's slot, whatever
+    the chunks' real lengths (a selected short last chunk leaves a gap).
+    """
+    P = len(prompt.prefix)
+    span = [len(c) if grid is None else grid for c in chunks]  # positions each chunk takes
     tokens, positions, spans = list(prompt.prefix), list(range(P)), []
     packed = P  # continuous: next free position
     for i in selected:
-        start = {"continuous": packed, "reuse": P, "absolute": P + sum(lengths[:i])}[mode]
+        start = {"continuous": packed, "reuse": P, "absolute": P + sum(span[:i])}[mode]
         offsets = kept[i].tolist()
         spans.append((len(tokens), len(tokens) + len(offsets)))
         tokens += [chunks[i][o] for o in offsets]
         positions += [start + o for o in offsets]
-        packed += lengths[i]
-    q0 = {"continuous": packed, "reuse": P + max(lengths[i] for i in selected), "absolute": P + sum(lengths)}[mode]
+        packed += span[i]
+    q0 = {"continuous": packed, "reuse": P + max(span[i] for i in selected), "absolute": P + sum(span)}[mode]
     query_start = len(tokens)
     tokens += prompt.query + [mask_id] * gen_length
     positions += list(range(q0, q0 + len(prompt.query) + gen_length))
@@ -356,7 +461,8 @@ class Prefill:
         layouts = []
         for prompt in prompts:  # steps 1-4, one request at a time (each has its own chunks)
             chunks, kept = self.select(model, prompt, bos, slots)
-            layouts.append(build_layout(prompt, chunks, sorted(kept), kept, G, cfg.positions, model.cfg.mask_id))
+            grid = cfg.chunk_size if cfg.position_grid == "chunk_size" else None
+            layouts.append(build_layout(prompt, chunks, sorted(kept), kept, G, cfg.positions, model.cfg.mask_id, grid))
         synchronize(dev)
         t1 = time.perf_counter()
         self.build_cache(model, prompts, layouts, G)  # step 5; full_prompt_mask fills it at the first step
@@ -369,11 +475,12 @@ class Prefill:
         """Chunk, score, keep the top K, and (optionally) the best tokens inside them.
         Returns the chunks and {selected chunk: kept offsets}."""
         cfg = self.cfg
-        chunks = split_chunks(prompt.context, cfg.chunk_size, bos)
+        chunks = split_chunks(prompt.context, cfg.chunk_size, bos, cfg.chunking)
         if cfg.score == "attention":
             scores = score_chunks_attention(model, prompt, chunks, cfg, slots)
         else:
-            scores = score_chunks_draft(model, prompt, chunks, draft_answer(model, prompt, cfg.draft_tokens), cfg)
+            draft, scored = draft_answer(model, prompt, cfg)
+            scores = score_chunks_draft(model, prompt, chunks, draft, cfg, scored)
         selected = select_chunks(scores, cfg.top_k)
         kept = {i: torch.arange(len(chunks[i])) for i in selected}
         if cfg.token_capacity is not None:

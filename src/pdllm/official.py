@@ -1,0 +1,104 @@
+"""What the official Prefilling-dLLM code does where pdllm's defaults differ: its draft procedure
+(as its own function), the prompt and decoding settings of its best LongBench run.
+
+The official code (github menik1126/Prefilling-dLLM, ``fastdllm_parallelcomp.py``) decodes the
+draft its chunk scores are conditioned on, and every answer block, with one confidence rule:
+
+    n [MASK] slots run against the cached prompt        -> a logit for every slot
+    slot 0 := the argmax of its logit                   (Dream: the last prompt logit; its logits
+                                                          are shifted, the row before a slot predicts it)
+    then, each forward re-running the slots against that cache:
+        rounds = R:     R rounds, each fills the single most confident masked slot
+        rounds = None:  until no slot is masked, the most confident slot plus every slot whose
+                        confidence >= threshold
+    confidence = the softmax probability of the argmax, over the whole vocabulary: [MASK] is not
+    excluded, and a slot that draws [MASK] stays masked (pdllm's sampler excludes it).
+
+``PrefillConfig.official(arch)`` (prefill.py) is the preset that follows the official selection
+step by step; README "Reproducing the official code" lists each step against pdllm's default.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pdllm.cache import DenseKVCache
+from pdllm.sampler import select_transfer
+from pdllm.tokenizer import LongContextPrompt
+
+# The official README's best LongBench run decodes 32 tokens in one block of 32, threshold 0.9,
+# greedy (its `steps` is unused under a threshold).
+OFFICIAL_GENERATION = dict(gen_length=32, block_length=32, steps=32, threshold=0.9, temperature=0.0)
+
+
+def unmask_by_confidence(slot_logits: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, mask_id: int,
+                         rounds: int | None = None, threshold: float = 0.9, draw_mask: bool = True) -> torch.Tensor:
+    """Fill ``tokens`` (B, L), all [MASK] on entry, in place, by the official confidence rule.
+
+    slot_logits(tokens) -> (B, L, V): the logits predicting each slot given the current tokens
+    (its first call, on the all-[MASK] block, gives slot 0). Returns the confirmed slots (B, L)
+    bool: with ``rounds``, slot 0 and the slot each round chose (the others stay [MASK]); until
+    full, every slot (the official code then scores them all, even one left [MASK]).
+    """
+    B, L = tokens.shape
+    confirmed = torch.zeros_like(tokens, dtype=torch.bool)
+
+    def draw(logits):  # greedy: confidence and argmax over the vocabulary
+        logits = logits.float()
+        if not draw_mask:
+            logits[..., mask_id] = float("-inf")
+        return logits.softmax(dim=-1).max(dim=-1)
+
+    _, first = draw(slot_logits(tokens)[:, :1])
+    tokens[:, 0] = first[:, 0]  # slot 0 is filled unconditionally, whatever its confidence
+    confirmed[:, 0] = True
+    forwards = 0
+    while (tokens == mask_id).any():
+        if forwards == (rounds if rounds is not None else L + 8):  # the official guard: L + 8 forwards
+            break
+        masked = tokens == mask_id
+        conf, x0 = draw(slot_logits(tokens))
+        conf = torch.where(masked, conf, float("-inf"))
+        if rounds is not None:  # one slot per round: the most confident
+            pick = select_transfer(conf, torch.ones(B, dtype=torch.long, device=tokens.device), None)
+        else:  # the most confident, and every slot at or above the threshold
+            pick = select_transfer(conf, None, threshold)
+        tokens[pick] = x0[pick]
+        confirmed |= pick
+        forwards += 1
+    if rounds is None:
+        confirmed[:] = True
+    return confirmed
+
+
+@torch.no_grad()
+def confidence_draft(model, prompt_ids: list[int], n_tokens: int, rounds: int | None = None, threshold: float = 0.9,
+                     draw_mask: bool = True) -> tuple[list[int], list[bool]]:
+    """The official draft: ``prompt_ids`` (prefix + query) encoded alone (full attention,
+    positions 0..T-1), ``n_tokens`` [MASK] slots at positions T.. run against that KV (the prompt
+    never sees them), then ``unmask_by_confidence``. Returns (draft tokens, confirmed slots)."""
+    dev, T = model.device, len(prompt_ids)
+    cache = DenseKVCache.for_model(model, 1, T + n_tokens)
+    ids = torch.tensor([prompt_ids], device=dev)
+    last = model(ids, torch.arange(T, device=dev)[None], cache=cache.window(0, T), logits_slice=slice(T - 1, T))
+    slot_pos = torch.arange(T, T + n_tokens, device=dev)[None]
+
+    def slot_logits(tokens):
+        logits = model(tokens, slot_pos, cache=cache.window(T))  # (1, n, V)
+        if model.cfg.logit_shift:  # Dream: slot 0 from the last prompt row, slot i from slot i - 1
+            logits = torch.cat([last, logits[:, :-1]], dim=1)
+        return logits
+
+    tokens = torch.full((1, n_tokens), model.cfg.mask_id, dtype=torch.long, device=dev)
+    confirmed = unmask_by_confidence(slot_logits, tokens, model.cfg.mask_id, rounds, threshold, draw_mask)
+    return tokens[0].tolist(), confirmed[0].tolist()
+
+
+def plain_long_context_prompt(tok, context: str, question: str, instruction: str, question_template: str
+                              ) -> LongContextPrompt:
+    """The official LongBench prompt: [BOS] + the instruction, the context, the question, each
+    tokenized alone, no chat template (its eval's default ``--no-use_chat_template``)."""
+    return LongContextPrompt(prefix=[tok.bos_id] + tok.encode(instruction), context=tok.encode(context),
+                             query=tok.encode(question_template.format(question=question)))
