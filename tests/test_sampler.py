@@ -5,7 +5,7 @@ import torch
 
 from pdllm.methods import make_method
 from pdllm.sampler import (GenerationConfig, add_gumbel_noise, generate, num_transfer_tokens,
-                           select_transfer)
+                           select_transfer, steps_to_fill)
 from pdllm.testing import random_prompts
 
 
@@ -30,6 +30,20 @@ def test_threshold_keeps_top1_and_everything_at_or_above_threshold():
     assert out[1].tolist() == [True, False, False, False, False]  # none above: the most confident alone
     tie = select_transfer(torch.tensor([[0.5, 0.5, 0.1]]), None, 0.9)
     assert tie.tolist() == [[True, False, False]]  # ties: the earlier position
+
+
+def test_a_fixed_schedule_runs_until_its_last_busy_step():
+    assert steps_to_fill(num_transfer_tokens(torch.tensor([3, 1]), 5)) == 3  # [1,1,1,0,0] and [1,0,0,0,0]
+    assert steps_to_fill(num_transfer_tokens(torch.tensor([8]), 4)) == 4
+    assert steps_to_fill(num_transfer_tokens(torch.tensor([0, 0]), 4)) == 0
+
+
+def test_more_steps_than_tokens_stops_when_the_block_is_full(llada):
+    p = random_prompts(llada.cfg.vocab_size, lengths=(7,))
+    out = generate(llada, p, GenerationConfig(gen_length=8, block_length=4, steps=16), time_steps=True)
+    assert out.nfe == 8 and (out.tokens != llada.cfg.mask_id).all()  # 4 steps per block unmask 1 token each
+    assert len(out.stats["model_ms"]) == len(out.stats["sampler_ms"]) == 8
+    assert all(t >= 0 for t in out.stats["model_ms"] + out.stats["sampler_ms"])
 
 
 def test_gumbel_noise_is_float64_and_off_at_zero_temperature():

@@ -242,13 +242,51 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def steps_to_fill(schedule: torch.Tensor) -> int:
+    """Steps a block runs under a fixed schedule (B, steps): up to the last step that unmasks a
+    token in any row (each step unmasks exactly schedule[:, step], so the block is full then)."""
+    busy = schedule.any(dim=0).nonzero()
+    return int(busy.max()) + 1 if len(busy) else 0
+
+
+class StepTimer:
+    """Splits each step into the method's forward and the sampler's work, without a host sync.
+
+    On a GPU, ``mark()`` records a CUDA event in the stream (the host does not wait) and the
+    durations are read once at the end: what is measured is the GPU's timeline, so a step the host
+    queues ahead costs its GPU time, and a step the GPU waits for (capture, eager launches) costs
+    its wall time. On a CPU the marks read the host clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def split(self) -> tuple[list[float], list[float]]:
+        """(forward ms per step, sampler ms per step), from three marks per step."""
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+        ms = [a.elapsed_time(b) if self.cuda else 1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+        return ms[0::3], ms[1::3]
+
+
 @torch.no_grad()
 def generate(model, prompts, config: GenerationConfig | None = None, method="vanilla", pad_id: int | None = None,
-             callback=None, **method_kwargs) -> GenerationOutput:
+             callback=None, time_steps: bool = False, **method_kwargs) -> GenerationOutput:
     """Generate for a batch of prompts (token lists, a (B, P) tensor, or structured prompts).
 
     callback(event: dict) is called after every step with the block range, the tokens and
     which positions were unmasked (used by the visualiser).
+    time_steps: also report, per step, the time of the method's forward (``stats["model_ms"]``) and
+    of the sampler's work on its logits (``stats["sampler_ms"]``); see StepTimer.
     """
     config = config or GenerationConfig()
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1 or hasattr(prompts, "token_ids"):
@@ -279,16 +317,24 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
     synchronize(dev)
     t1 = time.perf_counter()
     nfe, B = 0, x.shape[0]
+    timer = StepTimer(dev) if time_steps else None
     for blk in range(config.num_blocks):
         s, e = P + blk * config.block_length, P + (blk + 1) * config.block_length
-        schedule = None
+        schedule = n_steps = None
         if config.threshold is None:
             schedule = num_transfer_tokens((x[:, s:e] == mask_id).sum(dim=1), config.steps_per_block)
+            n_steps = steps_to_fill(schedule)  # known up front: the one host sync of the block
         step = 0
-        while (x[:, s:e] == mask_id).any() and (schedule is None or step < schedule.shape[1]):
+        # A fixed schedule needs no look at x between steps, so the host queues step after step
+        # without waiting for the GPU; a threshold decides from the tokens (one small sync per step).
+        while step < n_steps if schedule is not None else bool((x[:, s:e] == mask_id).any()):
+            if timer:
+                timer.mark()
             masked = x[:, s:e] == mask_id
             run_x = x if un_prompt is None else torch.cat([x, torch.cat([un_prompt, x[:, P:]], 1)])
             logits = method.block_logits(model, run_x, s, e, step).float()  # (B or 2B, L, V)
+            if timer:
+                timer.mark()
             nfe += 1
             if config.cfg_scale > 0:
                 cond, uncond = logits.chunk(2)
@@ -304,6 +350,8 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
             k = None if schedule is None else schedule[:, step]
             transfer = select_transfer(conf, k, config.threshold)
             x[:, s:e] = torch.where(transfer, x0, x[:, s:e])
+            if timer:
+                timer.mark()
             if callback is not None:
                 callback({"block": blk, "step": step, "start": s, "end": e, "x": x, "transfer": transfer,
                           "confidence": conf})
@@ -312,5 +360,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
     t2 = time.perf_counter()
     stats = {"method": method.name, "begin_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "nfe": nfe,
              "batch": B, "gen_length": config.gen_length, **method.stats}
+    if timer:
+        stats["model_ms"], stats["sampler_ms"] = timer.split()
     return GenerationOutput(tokens=x[:, P:].clone(), nfe=nfe, stats=stats)
 
