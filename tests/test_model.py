@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.model import (CheckpointError, ModelConfig, Transformer, apply_rope, from_pretrained, hf_to_ours,
+from pdllm.model import (CheckpointError, ModelConfig, Transformer, apply_rope, checkpoint_shapes, from_pretrained,
+                         fuse_state, hf_to_ours, unfuse_state,
                          load_config, ours_to_hf, rope_cos_sin, save_pretrained)
 from pdllm.testing import assert_close
 
@@ -57,7 +58,7 @@ def test_hf_name_maps_round_trip():
     for arch, cfg in (("llada", ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=8, mask_id=1)),
                       ("dream", ModelConfig(arch="dream", vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
                                             mlp_hidden=8, mask_id=1, qkv_bias=True))):
-        for name, _ in Transformer(cfg).named_parameters():
+        for name in checkpoint_shapes(Transformer(cfg)):
             assert hf_to_ours(arch, ours_to_hf(arch, name)) == name
     assert ours_to_hf("llada", "blocks.3.mlp.gate.weight") == "model.transformer.blocks.3.ff_proj.weight"
     assert ours_to_hf("dream", "blocks.0.attn.k.bias") == "model.layers.0.self_attn.k_proj.bias"
@@ -358,12 +359,12 @@ def test_gqa_equals_mha_with_repeated_kv(dream_dir):
     gqa = from_pretrained(dream_dir, torch.float32)
     cfg = gqa.cfg
     mha = Transformer(ModelConfig(**{**cfg.__dict__, "n_kv_heads": cfg.n_heads}))
-    state = gqa.state_dict()
+    state = unfuse_state(cfg, gqa.state_dict())
     group, D = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     for name, t in list(state.items()):
         if ".attn.k." in name or ".attn.v." in name:  # each KV head serves `group` query heads
             state[name] = t.view(cfg.n_kv_heads, D, *t.shape[1:]).repeat_interleave(group, 0).reshape(-1, *t.shape[1:])
-    mha.load_state_dict(state)
+    mha.load_state_dict(fuse_state(mha.cfg, state))
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
     pos = torch.arange(12).expand(2, 12)
     assert_close(gqa(idx, pos), mha(idx, pos), torch.float32)
@@ -385,3 +386,45 @@ def test_forward_shape_errors(llada_dir):
     model = from_pretrained(llada_dir, torch.float32)
     with pytest.raises(ValueError, match="same"):
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_fused_projections_are_the_checkpoint_tensors_side_by_side(llada_dir):
+    from safetensors import safe_open
+
+    model = from_pretrained(llada_dir, torch.float32)
+    index = json.loads((llada_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for key, shard in index.items():
+        with safe_open(str(llada_dir / shard), framework="pt") as f:
+            tensors[key] = f.get_tensor(key)
+    blk, hf = model.blocks[1], "model.transformer.blocks.1."
+    assert torch.equal(blk.attn.wqkv.weight, torch.cat([tensors[hf + n] for n in ("q_proj.weight", "k_proj.weight",
+                                                                                   "v_proj.weight")]))
+    assert torch.equal(blk.mlp.gate_up.weight, torch.cat([tensors[hf + "ff_proj.weight"], tensors[hf + "up_proj.weight"]]))
+    x = torch.randn(2, 3, model.cfg.d_model)
+    assert torch.equal(blk.attn.k(x), x @ tensors[hf + "k_proj.weight"].T)  # one projection alone (cache methods)
+
+
+def test_unknown_block_backend(llada):
+    llada.block_backend = "fused"
+    try:
+        with pytest.raises(ValueError, match="unknown block backend 'fused'"):
+            llada(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    finally:
+        llada.block_backend = "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fixture", ["llada_dir", "dream_dir"])
+def test_compiled_block_backend_equals_eager(fixture, request):
+    model = from_pretrained(request.getfixturevalue(fixture), torch.bfloat16, device="cuda")
+    T, s, e = 40, 16, 24
+    idx = torch.randint(0, model.cfg.vocab_size, (2, T), device="cuda")
+    pos = torch.arange(T, device="cuda").expand(2, T) + 3
+    runs = {}
+    for backend in ("eager", "compiled"):
+        model.block_backend = backend
+        cache = DenseKVCache.for_model(model, 2, T)
+        runs[backend] = (model(idx, pos, cache=cache.window(0)), model(idx[:, s:e], pos[:, s:e], cache=cache.window(s)))
+    for eager, compiled in zip(*runs.values()):
+        assert_close(compiled, eager, torch.bfloat16)

@@ -127,8 +127,10 @@ class ChunkKVCache:
         if self.write_rows is None or tuple(self.write_rows.shape) != (B, Tq):
             raise ValueError(f"set_write_rows((B, Tq) = {(B, Tq)}) before running a forward against the chunk cache")
         rows = self.write_rows.reshape(-1)
-        self.k[layer][:, rows] = k.transpose(0, 1).reshape(Hkv, B * Tq, D)
-        self.v[layer][:, rows] = v.transpose(0, 1).reshape(Hkv, B * Tq, D)
+        # One row copy per tensor into the row-major storage, (P, Hkv, D): k's (B, Tq, Hkv, D) view
+        # is how the fused projection laid it out, so nothing is transposed on the way.
+        self.k[layer].transpose(0, 1).index_copy_(0, rows, k.transpose(1, 2).reshape(B * Tq, Hkv, D))
+        self.v[layer].transpose(0, 1).index_copy_(0, rows, v.transpose(1, 2).reshape(B * Tq, Hkv, D))
         attend = chunk_attention_reference if backend == "reference" else chunk_attention
         out, _ = attend(q, self.k[layer], self.v[layer], self.kv_index, self.kv_len)
         return out

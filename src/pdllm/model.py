@@ -165,20 +165,28 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # 2. Layers
 # ---------------------------------------------------------------------------------------------
+#
+# The block's math is written as plain functions of tensors (rms_norm, attention_inputs,
+# block_output): the modules below own the weights and call them, and the same functions are what
+# torch.compile fuses when the model's ``block_backend`` is "compiled" (a function of tensors
+# compiles once for all 32 layers; a method of each layer's module would compile per layer).
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm computed in fp32 (as LLaDA and Qwen2 do), weight applied in the model dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as LLaDA and Qwen2 do), weight applied in the model dtype."""
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
@@ -197,23 +205,64 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+def split_heads(qkv, cos, sin, n_heads: int, n_kv_heads: int):
+    """The fused projection (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k, v (B, Hkv, T, D); q, k rotated."""
+    B, T, _ = qkv.shape
+    heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+    q, k, v = heads.split([n_heads, n_kv_heads, n_kv_heads], dim=1)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_inputs(x, norm_weight, eps: float, w_qkv, b_qkv, cos, sin, n_heads: int, n_kv_heads: int):
+    """A block's first half up to attention: pre-norm, one QKV GEMM, RoPE (q, k, v as split_heads)."""
+    return split_heads(F.linear(rms_norm(x, norm_weight, eps), w_qkv, b_qkv), cos, sin, n_heads, n_kv_heads)
+
+
+def mlp(x, w_gate_up, w_down):
+    """SiLU-gated MLP down(silu(gate(x)) * up(x)), gate and up as one GEMM."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def block_output(x, y, w_o, norm_weight, eps: float, w_gate_up, w_down):
+    """A block's second half from attention's output y (B, H, T, D): o-projection and residual,
+    pre-norm MLP and residual."""
+    B, H, T, D = y.shape
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), w_o)
+    return x + mlp(rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+
+
 class Attention(nn.Module):
+    """q, k, v projections as one (d_model + 2 kv_dim, d_model) matrix: one GEMM reads them all.
+    The checkpoint keeps them apart (q_proj, k_proj, v_proj): see FUSED in section 4."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.sizes = (cfg.d_model, kv_dim, kv_dim)  # rows of q | k | v in wqkv
+        self.wqkv = nn.Linear(cfg.d_model, sum(self.sizes), bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _projection(self, x, part: int):
+        start = sum(self.sizes[:part])
+        rows = slice(start, start + self.sizes[part])
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[rows]
+        return F.linear(x, self.wqkv.weight[rows], bias)
+
+    # One projection alone (B, T, C) -> (B, T, h * D), for cache methods that need only some of them.
+    def q(self, x):
+        return self._projection(x, 0)
+
+    def k(self, x):
+        return self._projection(x, 1)
+
+    def v(self, x):
+        return self._projection(x, 2)
 
     def qkv(self, x, rope):
         """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D); q and k rotated."""
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        return split_heads(self.wqkv(x), *rope, self.n_heads, self.n_kv_heads)
 
     def out(self, y):
         """(B, H, T, D) -> (B, T, C) through the output projection."""
@@ -222,24 +271,30 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa"):
         q, k, v = self.qkv(x, rope)
-        if cache is None:  # plain bidirectional self-attention over the tokens given
-            y = dense_attention(q, k, v, mask, backend)
-        else:  # the cache stores k, v where they belong and attends over what it holds
-            y = cache.attend(layer, q, k, v, mask, backend)
-        return self.out(y)
+        return self.out(attend(q, k, v, mask, cache, layer, backend))
+
+
+def attend(q, k, v, mask, cache, layer: int, backend: str):
+    """Plain bidirectional self-attention over the tokens given, or, with a cache, the cache
+    stores k, v where they belong and attends over what it holds."""
+    if cache is None:
+        return dense_attention(q, k, v, mask, backend)
+    return cache.attend(layer, q, k, v, mask, backend)
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP: down(silu(gate(x)) * up(x))."""
+    """SiLU-gated MLP; gate and up as one (2 mlp_hidden, d_model) matrix (gate rows first)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return mlp(x, self.gate_up.weight, self.down.weight)
+
+
+BLOCK_BACKENDS = ("eager", "compiled")
 
 
 class Block(nn.Module):
@@ -252,9 +307,49 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa"):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, backend)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa", block_backend="eager"):
+        first, second = _block_halves(block_backend)
+        a = self.attn
+        q, k, v = first(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias, *rope,
+                        a.n_heads, a.n_kv_heads)
+        y = attend(q, k, v, mask, cache, layer, backend)
+        return second(x, y, a.o.weight, self.mlp_norm.weight, self.mlp_norm.eps, self.mlp.gate_up.weight,
+                      self.mlp.down.weight)
+
+
+_COMPILED: dict = {}
+
+
+def _block_halves(block_backend: str):
+    """(attention_inputs, block_output) for a block backend. "compiled": torch.compile fuses each
+    half's elementwise work (fp32 norm, RoPE, SiLU x up, residual adds) around its GEMMs. Shapes
+    are dynamic after the first change, so a new length does not recompile. Where compiling is not
+    possible (no compiler for the device), the eager functions run, with one warning."""
+    if block_backend == "eager":
+        return attention_inputs, block_output
+    if block_backend != "compiled":
+        raise ValueError(f"unknown block backend {block_backend!r}; choose one of {BLOCK_BACKENDS}")
+    if not _COMPILED:
+        _COMPILED["halves"] = tuple(_compiled_or_eager(f) for f in (attention_inputs, block_output))
+    return _COMPILED["halves"]
+
+
+def _compiled_or_eager(fn):
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        if not _COMPILED.get("failed"):
+            try:
+                return compiled(*args)
+            except Exception as e:  # a compiler missing or failing must not fail the answer
+                import warnings
+
+                warnings.warn(f"pdllm: torch.compile of the block failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly", stacklevel=3)
+                _COMPILED["failed"] = True
+        return fn(*args)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +370,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.attention_backend = "sdpa"  # see pdllm.attention.BACKENDS
+        self.block_backend = "eager"  # see BLOCK_BACKENDS: "compiled" fuses the elementwise work
         self.init_weights()
 
     @torch.no_grad()
@@ -310,7 +406,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         rope = self.rope(pos)
         for i, block in enumerate(self.blocks[:stop_after]):
-            x = block(x, rope, mask, cache, i, self.attention_backend)
+            x = block(x, rope, mask, cache, i, self.attention_backend, self.block_backend)
         if stop_after is not None:
             return x
         if logits_slice is not None:
@@ -344,7 +440,8 @@ def build_random(cfg: ModelConfig, dtype=torch.bfloat16, device="cuda", seed: in
 # 4. Checkpoints: HF directory <-> our names
 # ---------------------------------------------------------------------------------------------
 
-# (HF name, our name) per architecture; {i} is a layer index, {p} is "weight" or "bias".
+# (HF name, our name) per architecture; {i} is a layer index, {p} is "weight" or "bias". Our names
+# here are the checkpoint's tensors one to one; the model fuses some of them (FUSED, below).
 HF_KEY_MAP = {
     "llada": [
         ("model.transformer.wte.weight", "tok_emb.weight"),
@@ -396,6 +493,54 @@ def ours_to_hf(arch: str, name: str) -> str:
     if hf is None:
         raise KeyError(f"no HF name for parameter {name!r}")
     return hf
+
+
+# Our fused parameters and the checkpoint tensors they are made of, concatenated along the rows in
+# this order: the model runs one GEMM for q, k and v and one for gate and up, the checkpoint keeps
+# the HF tensors. from_pretrained fuses after every tensor is checked, save_pretrained splits.
+FUSED = {"attn.wqkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+_FUSED_NAME = re.compile(r"(blocks\.\d+\.)(attn\.wqkv|mlp\.gate_up)\.(weight|bias)")
+
+
+def _parts(cfg: ModelConfig, fused: str) -> tuple[int, ...]:
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    return (cfg.d_model, kv_dim, kv_dim) if fused == "attn.wqkv" else (cfg.mlp_hidden, cfg.mlp_hidden)
+
+
+def unfuse_state(cfg: ModelConfig, state: dict) -> dict:
+    """Our parameters by checkpoint tensor: each fused one split into its parts (row views)."""
+    out = {}
+    for name, t in state.items():
+        m = _FUSED_NAME.fullmatch(name)
+        if m is None:
+            out[name] = t
+            continue
+        prefix, fused, p = m.groups()
+        for part, rows in zip(FUSED[fused], t.split(_parts(cfg, fused))):
+            out[f"{prefix}{part}.{p}"] = rows
+    return out
+
+
+def fuse_state(cfg: ModelConfig, state: dict) -> dict:
+    """The inverse of unfuse_state: every fused parameter's parts concatenated, in FUSED order."""
+    out, groups = {}, {}
+    part_of = {part: fused for fused, parts in FUSED.items() for part in parts}
+    for name, t in state.items():
+        m = re.fullmatch(r"(blocks\.\d+\.)(attn\.[qkv]|mlp\.gate|mlp\.up)\.(weight|bias)", name)
+        if m is None:
+            out[name] = t
+            continue
+        prefix, part, p = m.groups()
+        groups.setdefault(f"{prefix}{part_of[part]}.{p}", {})[part] = t
+    for name, parts in groups.items():
+        fused = _FUSED_NAME.fullmatch(name).group(2)
+        out[name] = torch.cat([parts[part] for part in FUSED[fused]])
+    return out
+
+
+def checkpoint_shapes(model: "Transformer") -> dict:
+    """The shape of every tensor a checkpoint of this model holds, by our (unfused) name."""
+    return {n: t.shape for n, t in unfuse_state(model.cfg, dict(model.named_parameters())).items()}
 
 
 class CheckpointError(ValueError):
@@ -556,9 +701,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
+    expected = checkpoint_shapes(model)  # by checkpoint tensor (fused parameters as their parts); tied weights once
     state = _read_weights(path, cfg, expected, dtype, device)
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(fuse_state(cfg, state), assign=True, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     return model.eval()
@@ -572,7 +717,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int |
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    tensors = {ours_to_hf(cfg.arch, n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    tensors = {ours_to_hf(cfg.arch, n): p.detach().cpu().contiguous()
+               for n, p in unfuse_state(cfg, dict(model.named_parameters())).items()}
     if max_shard_bytes is None:
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return
@@ -595,4 +741,5 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int |
 
 
 __all__ = ["ModelConfig", "Transformer", "Block", "RMSNorm", "rope_cos_sin", "apply_rope", "build_random",
+           "rms_norm", "attention_inputs", "block_output", "BLOCK_BACKENDS", "fuse_state", "unfuse_state",
            "from_pretrained", "save_pretrained", "load_config", "CheckpointError", "checkpoint_file", "hf_to_ours", "ours_to_hf"]
