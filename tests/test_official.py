@@ -253,3 +253,19 @@ def test_official_preset_end_to_end_under_threshold_0_9(model_name, request):
         assert starts == [P + 8 * k for k in range(K)] and lay.positions[lay.query_start] == P + 8 * K
     else:  # LLaDA: positions follow the sequence (the official LLaDA takes no position ids)
         assert lay.positions == list(range(len(lay.tokens)))
+
+
+@pytest.mark.parametrize("checkpoint", ["llada_dir", "dream_dir"])
+def test_cli_preset_official(checkpoint, tmp_path, capsys, request):
+    from pdllm.cli import main
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    args = ["generate", "--model", str(request.getfixturevalue(checkpoint)), "--context-file", str(ctx), "--question",
+            "what is the pass key", "--gen-length", "8", "--block-length", "8", "--steps", "8", "--method", "prefill",
+            "--preset", "official", "--chunk-size", "16", "--top-k", "2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[prefill]" in err and "selected chunks" in err
+    with pytest.raises(SystemExit, match="--method prefill"):
+        main([a if a != "prefill" else "dual" for a in args])

@@ -26,13 +26,17 @@ def add_generation_args(p: argparse.ArgumentParser):
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
     g.add_argument("--cfg-scale", type=float, default=0.0)
     g.add_argument("--method", default="dual", choices=METHODS)
-    f = p.add_argument_group("Prefilling-dLLM (--method prefill)")
-    f.add_argument("--chunk-size", type=int, default=1024)
-    f.add_argument("--top-k", type=int, default=4)
-    f.add_argument("--score", default="attention", choices=["attention", "draft"])
+    f = p.add_argument_group("Prefilling-dLLM (--method prefill; a knob left out takes PrefillConfig's default, "
+                             "or the preset's)")
+    f.add_argument("--preset", default=None, choices=["official"],
+                   help="official: the official code's selection (PrefillConfig.official for the model's arch), its "
+                   "prompt without chat template, and gen 32 / block 32 / threshold 0.9 unless given")
+    f.add_argument("--chunk-size", type=int, default=None, help="(1024)")
+    f.add_argument("--top-k", type=int, default=None, help="(4)")
+    f.add_argument("--score", default=None, choices=["attention", "draft"], help="(attention)")
     f.add_argument("--token-capacity", type=int, default=None)
-    f.add_argument("--cache-mode", default="full_prompt_mask", choices=["full_prompt_mask", "chunk_query"])
-    f.add_argument("--positions", default="continuous", choices=["continuous", "reuse", "absolute"])
+    f.add_argument("--cache-mode", default=None, choices=["full_prompt_mask", "chunk_query"], help="(full_prompt_mask)")
+    f.add_argument("--positions", default=None, choices=["continuous", "reuse", "absolute"], help="(continuous)")
     f.add_argument("--no-chunk-bos", action="store_true", help="do not put a BOS anchor in front of each chunk")
     m = p.add_argument_group("model")
     m.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="HF checkpoint directory (default: the "
@@ -44,16 +48,36 @@ def add_generation_args(p: argparse.ArgumentParser):
 def generation_config(args):
     from pdllm.sampler import GenerationConfig
 
+    threshold = args.threshold
+    if threshold is None and getattr(args, "preset", None) == "official":
+        from pdllm.official import OFFICIAL_GENERATION
+
+        threshold = OFFICIAL_GENERATION["threshold"]
     return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                            temperature=args.temperature, remasking=args.remasking, threshold=args.threshold,
+                            temperature=args.temperature, remasking=args.remasking, threshold=threshold,
                             cfg_scale=args.cfg_scale)
 
 
 def method_kwargs(args) -> dict:
+    """The prefill knobs given on the command line (the others keep the config's or preset's)."""
     if args.method != "prefill":
         return {}
-    return dict(chunk_size=args.chunk_size, top_k=args.top_k, score=args.score, token_capacity=args.token_capacity,
-                cache_mode=args.cache_mode, positions=args.positions, chunk_bos=not args.no_chunk_bos)
+    given = dict(chunk_size=args.chunk_size, top_k=args.top_k, score=args.score, token_capacity=args.token_capacity,
+                 cache_mode=args.cache_mode, positions=args.positions, chunk_bos=False if args.no_chunk_bos else None)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def make_cli_method(args, model):
+    """The method object: by name with the given knobs, or the preset's config with them on top."""
+    from pdllm.methods import make_method
+
+    if args.preset is None:
+        return make_method(args.method, **method_kwargs(args))
+    if args.method != "prefill":
+        raise SystemExit(f"error: --preset {args.preset} is a Prefilling-dLLM preset; use it with --method prefill")
+    from pdllm.prefill import Prefill, PrefillConfig
+
+    return Prefill(PrefillConfig.official(model.cfg.arch, **method_kwargs(args)))
 
 
 def load_model(path, device: str | None = None, dtype: str | None = None):
@@ -87,7 +111,6 @@ class StepProgress:
 
 
 def cmd_generate(args) -> int:
-    from pdllm.methods import make_method
     from pdllm.sampler import generate
 
     if args.context_file is not None or args.question is not None:
@@ -99,7 +122,13 @@ def cmd_generate(args) -> int:
         raise SystemExit("error: give --prompt TEXT, --prompt-file F, or --context-file F with --question Q")
     model, tok = load_model(args.model, args.device, args.dtype)
     config = generation_config(args)
-    if args.context_file is not None:
+    if args.context_file is not None and args.preset == "official":  # its LongBench prompt: [BOS] + text, no template
+        from pdllm.official import plain_long_context_prompt
+        from pdllm.tokenizer import DEFAULT_INSTRUCTION, DEFAULT_QUESTION
+
+        prompt = plain_long_context_prompt(tok, Path(args.context_file).read_text(), args.question,
+                                           DEFAULT_INSTRUCTION, DEFAULT_QUESTION)
+    elif args.context_file is not None:
         prompt = tok.long_context_prompt(Path(args.context_file).read_text(), args.question)
     else:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
@@ -108,7 +137,7 @@ def cmd_generate(args) -> int:
         prompt = tok.chat(text)
     total = config.gen_length if config.threshold is not None else config.steps
     progress = StepProgress(total, tok, visual=args.visual)
-    method = make_method(args.method, **method_kwargs(args))
+    method = make_cli_method(args, model)
     out = generate(model, [prompt], config, method=method, callback=progress)
     progress.close()
     if args.visual and args.method == "prefill":
