@@ -138,12 +138,10 @@ def main(argv=None):
 
 @pytest.fixture(scope="module")
 def llada8b():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-
     return build_random(LLADA_8B, torch.bfloat16, "cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["dual", "prefill-attention", "prefill-draft"])
 def test_e2e_8k(benchmark, llada8b, method):
     request = make_request(8192)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-
 
 def copy_gbps(n: int = 2**30) -> float:
     """Bytes read + written per second by an n-byte device-to-device copy (do_bench median)."""

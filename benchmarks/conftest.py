@@ -15,9 +15,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceilings import HAS_CUDA, copy_gbps  # noqa: E402
+from ceilings import copy_gbps  # noqa: E402
 
 from pdllm.environment import environment  # noqa: E402
+from pdllm.testing import HAS_CUDA  # noqa: E402
 
 if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them with
     collect_ignore_glob = ["bench_*.py"]
@@ -26,13 +27,6 @@ if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them 
 # Filled by the benchmarks: {group: {impl: extra_info}}; printed at the end of the session.
 RESULTS: dict[str, dict[str, dict]] = {}
 CEILINGS: dict = {}
-
-
-def pytest_collect_file(parent, file_path):
-    """pytest's default pattern is test_*.py; benchmarks live in bench_*.py."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 @pytest.fixture(scope="session")

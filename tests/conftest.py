@@ -8,7 +8,8 @@ import os
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from pdllm.testing import HAS_CUDA
+
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
@@ -28,8 +29,6 @@ _GPU_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("gpu", max_examples=50, deadline=None, suppress_health_check=_GPU_HEALTH)
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_GPU_HEALTH)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 # ---------------------------------------------------------------------------------------------

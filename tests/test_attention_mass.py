@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pdllm.attention import chunk_attention_reference, key_attention_mass_reference
 from pdllm.testing import assert_close, tolerance
 from pdllm.triton_kernels.attention_mass import key_attention_mass
-from test_chunk_attention import CONFIGS, DEVICE, ON_GPU, make_inputs, problems
+from test_chunk_attention import CONFIGS, DEVICE, make_inputs, problems
 
 def first_pass_lse(q, k_pool, index, kv_len):
     """lse of each query row over exactly the keys of ``index`` (what chunk_attention returns)."""
@@ -70,7 +70,7 @@ def test_validation():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         key_attention_mass(q, torch.randn(3, 4, 16, device=DEVICE), index, kv_len, torch.zeros(1, 2, 3, device=DEVICE))
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_dispatch_through_pdllm_attention():
     from pdllm import attention
 

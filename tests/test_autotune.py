@@ -10,8 +10,7 @@ import torch
 
 from pdllm.autotune import configs
 from pdllm.autotune.configs import ConfigError, bucket_distance, device_key, load_config_file, lookup, rescale_splits
-
-ON_GPU = torch.cuda.is_available()
+from pdllm.testing import HAS_CUDA
 
 
 def entry(kv_len, q_rows=32, head_dim=128, group=1, dtype="bfloat16", block_n=64, splits=4, base=32):
@@ -172,7 +171,7 @@ def test_tuner_smoke_run_writes_a_loadable_table(tmp_path, capsys):
     """A tiny sweep in the interpreter (or natively on a GPU): every step of the real one."""
     from pdllm.autotune.tune import main
 
-    device = "cuda" if ON_GPU else "cpu"
+    device = "cuda" if HAS_CUDA else "cpu"
     argv = ["--device", device, "--kv-lens", "40", "--q-rows", "2", "--head-dims", "16", "--groups", "2",
             "--dtypes", "float32", "--block-n", "16,32", "--num-warps", "2", "--num-stages", "1",
             "--num-splits", "1,2", "--heads", "2", "--out-dir", str(tmp_path)]
@@ -191,7 +190,7 @@ def test_tuner_smoke_run_writes_a_loadable_table(tmp_path, capsys):
     assert len(data["chunk_attention"]) == 1 and len(data["key_attention_mass"]) == 1
 
 
-@pytest.mark.skipif(ON_GPU, reason="checks the no-GPU message")
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
 def test_tuner_without_gpu_says_so(capsys):
     from pdllm.autotune.tune import main
 

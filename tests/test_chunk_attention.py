@@ -14,22 +14,21 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from pdllm.attention import chunk_attention_reference, reference_attention
-from pdllm.testing import assert_close
+from pdllm.testing import HAS_CUDA, assert_close
 from pdllm.triton_kernels.chunk_attention import chunk_attention
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
-HEAD_DIMS = [64, 128] if ON_GPU else [16, 32]
-GROUPS = [1, 2, 4, 7] if ON_GPU else [1, 2, 3]
-MAX_KV_HEADS = 4 if ON_GPU else 2
-MAX_BATCH = 4 if ON_GPU else 2
-MAX_POOL = 700 if ON_GPU else 160
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
+HEAD_DIMS = [64, 128] if HAS_CUDA else [16, 32]
+GROUPS = [1, 2, 4, 7] if HAS_CUDA else [1, 2, 3]
+MAX_KV_HEADS = 4 if HAS_CUDA else 2
+MAX_BATCH = 4 if HAS_CUDA else 2
+MAX_POOL = 700 if HAS_CUDA else 160
 # Launch configs drawn by the main property (None: the tuned table / defaults).
 # On CPU small tiles make short rows span several tiles and splits. On the GPU every extra config
 # is ~70 more compiled variants; other tile shapes are checked there by the tuner, candidate by
 # candidate, against the same reference.
-CONFIGS = [None] if ON_GPU else [None, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+CONFIGS = [None] if HAS_CUDA else [None, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
                                  {"BLOCK_N": 16, "num_warps": 2, "num_stages": 1}]
 PADDING = {"minus_one": -1, "huge": 2**31 - 1, "negative_huge": -(2**31)}
 
@@ -148,7 +147,7 @@ def test_llada_shape_and_empty_rows():
     """One fixed, realistic case (32 heads, D 128, Tq 32), with a row of kv_len 0 and one of 1."""
     torch.manual_seed(0)
     dt = torch.float16
-    B, H, Tq, D, P = 3, 4 if not ON_GPU else 32, 32, 128, 300
+    B, H, Tq, D, P = 3, 4 if not HAS_CUDA else 32, 32, 128, 300
     q = torch.randn(B, H, Tq, D, dtype=dt, device=DEVICE)
     k_pool = torch.randn(H, P, D, dtype=dt, device=DEVICE)
     v_pool = torch.randn(H, P, D, dtype=dt, device=DEVICE)
@@ -209,7 +208,7 @@ def test_input_validation(change, error, match):
         chunk_attention(**args)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_device_mismatch():
     args = _valid()
     args["kv_len"] = args["kv_len"].cpu()
@@ -267,7 +266,7 @@ def test_programmatic_dependent_launch_only_where_the_gpu_has_it():
     from pdllm.triton_kernels.chunk_attention import use_pdl
 
     assert use_pdl(torch.device("cpu")) is False
-    if ON_GPU:
+    if HAS_CUDA:
         major, _ = torch.cuda.get_device_capability()
         assert use_pdl(torch.device("cuda")) == (major >= 9 and hasattr(__import__("triton").language.extra.cuda,
                                                                          "gdc_wait"))

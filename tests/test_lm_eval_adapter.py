@@ -41,6 +41,7 @@ def local_task(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_args", ["method=dual", "method=prefill,chunk_size=64,top_k=4,chunk_bos=False"])
 def test_local_task_end_to_end(local_task, model_args, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

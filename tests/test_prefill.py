@@ -260,7 +260,7 @@ def test_prefill_needs_structured_prompts_and_a_context(llada):
 
 # ---- on a GPU: the kernel path end to end ------------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
     model = request.getfixturevalue(model_name).to("cuda")

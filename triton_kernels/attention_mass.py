@@ -71,7 +71,7 @@ def _key_attention_mass(
             # Rows past Tq get lse = +inf, so they add exp2(-inf) = 0.
             lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=row_valid, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+            p = tl.exp2(s - lse[:, None] * LOG2E)
             mass += tl.sum(p, 0)
         mass = tl.where(key_valid, mass, 0.0)
         tl.store(MASS + b * stride_mb + h * stride_mh + offs_n * stride_ml, mass, mask=offs_n < L)
@@ -107,7 +107,7 @@ def key_attention_mass(q, k_pool, kv_index, kv_len, lse, scale=None, config=None
     grid = (cdiv(L, cfg["BLOCK_N"]), B * Hkv)
     _key_attention_mass[grid](
         q, k_pool, kv_index, kv_len, lse, mass,
-        scale * LOG2E,
+        scale * LOG2E.value,
         Hkv, group, Tq, L,
         *q.stride(),
         *k_pool.stride(),

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): scores are kept in base 2 so the kernel can use exp2
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): scores are kept in base 2 so the kernels can use exp2
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernel: lse back to natural log
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -400,7 +400,7 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
     _chunk_attention_fwd[grid](
         q, k_pool, v_pool, kv_index, kv_len, out, lse,
         o_part, lse_part, counters,
-        scale * LOG2E,
+        scale * LOG2E.value,
         Hkv, group, Tq, L, S,
         *q.stride(),
         *k_pool.stride(),

@@ -1,4 +1,5 @@
-"""One tolerance table and one ``assert_close`` for every numerical test in pdllm.
+"""One tolerance table and one ``assert_close`` for every numerical test in pdllm, and HAS_CUDA:
+whether this machine runs the GPU-only tests and benchmarks (``@pytest.mark.gpu``).
 
 Tolerances are per dtype of the tensors being compared: fp32 paths accumulate in fp32 and agree
 to rounding; fp16/bf16 paths differ from the fp32 reference by their storage precision.
@@ -7,6 +8,8 @@ to rounding; fp16/bf16 paths differ from the fp32 reference by their storage pre
 from __future__ import annotations
 
 import torch
+
+HAS_CUDA = torch.cuda.is_available()
 
 TOLERANCES = {  # dtype: (atol, rtol)
     torch.float64: (1e-10, 1e-8),
