@@ -308,16 +308,117 @@ def test_answer_slots_are_scored_with_the_query(llada):
         PrefillConfig(score_slots=-1)
 
 
-@pytest.mark.parametrize("knobs", [dict(top_k=2), dict(top_k=3, token_capacity=5, cache_mode="chunk_query")])
+class ForwardCounter:
+    """Counts the model forwards (calls of the first block) while it is entered."""
+
+    def __init__(self, model):
+        self.model, self.n = model, 0
+
+    def __enter__(self):
+        self.hook = self.model.blocks[0].register_forward_hook(lambda *_: setattr(self, "n", self.n + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+
+@pytest.mark.parametrize("knobs", [dict(top_k=2), dict(top_k=3, token_capacity=5, cache_mode="chunk_query"),
+                                   dict(top_k=2, cache_mode="chunk_query", score_depth=1),
+                                   dict(top_k=2, cache_mode="chunk_query", encode_once=False, positions="reuse"),
+                                   dict(top_k=2, score="draft")])
 def test_batched_prefill_gives_each_request_its_own_answer(llada, knobs):
     gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
     batch = [request_of(llada, n, seed=s) for s, n in ((0, 45), (1, 20), (2, 33))]
-    together = generate(llada, batch, gc, method="prefill", chunk_size=8, **knobs)
-    for row, req in enumerate(batch):
-        alone = generate(llada, [req], gc, method="prefill", chunk_size=8, **knobs)
-        assert torch.equal(together.tokens[row], alone.tokens[0])
-        assert together.stats["selected"][row] == alone.stats["selected"][0]
+    together_method = Prefill(chunk_size=8, **knobs)
+    with ForwardCounter(llada) as batched:
+        together = generate(llada, batch, gc, method=together_method)
+    with ForwardCounter(llada) as serial:
+        for row, req in enumerate(batch):
+            alone_method = Prefill(chunk_size=8, **knobs)
+            alone = generate(llada, [req], gc, method=alone_method)
+            assert torch.equal(together.tokens[row], alone.tokens[0])
+            assert together.stats["selected"][row] == alone.stats["selected"][0]
+            assert_close(together_method.scores[row], alone_method.scores[0], torch.float32)
     assert not torch.isnan(together.tokens.float()).any()
+    if knobs.get("score") != "draft":  # chunks of one shape share scoring forwards, block starts one re-encode
+        assert batched.n < serial.n
+    assert together.stats["reencode_s"] > 0 and together.stats["encode_once"] == (
+        knobs.get("cache_mode") == "chunk_query" and "score_depth" not in knobs and knobs.get("encode_once", True))
+
+
+def scored_kv(model, prompt, chunk, rows, shift):
+    """K/V (L, Hkv, C, D) of a chunk's rows from a fresh forward of prefix + chunk + rows at
+    positions shift + (0..n-1): what a second encode of the chunk, placed `shift` later, gives."""
+    seq = torch.tensor([prompt.prefix + chunk + rows])
+    rec = KVRecorder()
+    model(seq, shift + torch.arange(seq.shape[1])[None], cache=rec)
+    k, v = rec.stacked()
+    P = len(prompt.prefix)
+    return k[:, 0, :, P : P + len(chunk)], v[:, 0, :, P : P + len(chunk)]
+
+
+class ReencodedChunks(Recorder):
+    """After begin, overwrite every selected chunk's pool rows with a second encode (scored_kv):
+    the re-encoding path that encode-once replaces."""
+
+    def __init__(self, method, slots):
+        super().__init__(method)
+        self.slots = slots
+
+    def begin(self, model, batch):
+        m = self.method
+        m.begin(model, batch)
+        for b, prompt in enumerate(batch.prompts):
+            chunks = split_chunks(prompt.context, m.cfg.chunk_size, model.cfg.bos_id)
+            lay, P = m.layouts[b], len(prompt.prefix)
+            for i, (s, e) in zip(m.selected[b], lay.chunk_spans):
+                k, v = scored_kv(model, prompt, chunks[i], prompt.query + [model.cfg.mask_id] * self.slots,
+                                 lay.positions[s] - P)
+                m.cache.store(m.rows[b][s:e], k, v)
+
+
+@pytest.mark.parametrize("positions", ["reuse", "continuous", "absolute"])
+def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(llada, positions):
+    gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
+    batch = [request_of(llada, 45, seed=0), request_of(llada, 33, seed=2)]
+    knobs = dict(chunk_size=8, top_k=3, cache_mode="chunk_query", positions=positions)
+    once = Recorder(Prefill(**knobs))
+    out = generate(llada, batch, gc, method=once)
+    m = once.method
+    assert m.stats["encode_once"]
+    for b, prompt in enumerate(batch):  # the pool's chunk rows are the chunk's scoring K/V, moved to its place
+        chunks, lay = split_chunks(prompt.context, 8, llada.cfg.bos_id), m.layouts[b]
+        for i, (s, e) in zip(m.selected[b], lay.chunk_spans):
+            k, v = scored_kv(llada, prompt, chunks[i], prompt.query + [llada.cfg.mask_id] * 4,
+                             lay.positions[s] - len(prompt.prefix))
+            assert_close(m.cache.k[:, :, m.rows[b][s:e]], k, torch.float32)
+            assert_close(m.cache.v[:, :, m.rows[b][s:e]], v, torch.float32)
+    again = ReencodedChunks(Prefill(**knobs), slots=4)
+    assert torch.equal(generate(llada, batch, gc, method=again).tokens, out.tokens)
+    for a, b in zip(once.logits, again.logits):
+        assert_close(a, b, torch.float32)
+
+
+def test_streamed_top_k_holds_exactly_the_chunks_select_chunks_picks():
+    from pdllm.cache import ChunkKVCache
+    from pdllm.prefill import StreamedTopK
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n, k = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        scores = torch.randint(0, 4, (n,), generator=g).float()  # many ties
+        scores[torch.rand(n, generator=g) < 0.2] = float("nan")
+        chunks = [[[0] * 3 for _ in range(n)]]
+        cache = ChunkKVCache(n_layers=1, n_kv_heads=1, head_dim=2, capacity=k * 3, dtype=torch.float32, device="cpu")
+        keep = StreamedTopK(cache, k, chunks)
+        for i in torch.randperm(n, generator=g).tolist():  # any order of scoring
+            probe = AttentionProbe([], slice(0), slice(0), 1, keep_kv=True)
+            probe.k, probe.v = [torch.full((1, 1, 3, 2), float(i))], [torch.full((1, 1, 3, 2), -float(i))]
+            keep.offer(0, i, scores[i].item(), probe, 0)
+        picked = select_chunks(scores, k)
+        assert sorted(keep.held[0]) == picked
+        for i in picked:  # each chunk's K/V sits in its own slot
+            assert (cache.k[0, 0, keep.rows(0, i)] == i).all() and (cache.v[0, 0, keep.rows(0, i)] == -i).all()
 
 
 @pytest.mark.parametrize("name, knobs", [("prefill", dict(chunk_size=8, top_k=2)), ("dual", {})])

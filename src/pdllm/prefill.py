@@ -5,7 +5,8 @@ The method, in the order it runs (``Prefill.begin``):
 
 1. **Chunking with BOS anchors.** The context is split into chunks of ``chunk_size`` tokens and a
    BOS token is put in front of every chunk, so each chunk carries its own attention sink.
-2. **Scoring**, once, streamed chunk by chunk (memory O(chunk) whatever the context length):
+2. **Scoring**, once, streamed chunk by chunk (memory O(chunk x score_batch) whatever the context
+   length), the chunks of every request of a batch sharing forwards (grouped by shape):
    ``attention``: each chunk is encoded with the prefix, the query and the masked answer slots
    (prefix + [BOS + chunk] + query + [MASK] * n); the attention of the query and answer-slot rows
    to the chunk's keys in the last layers, max-pooled along tokens, summed over heads, averaged
@@ -22,8 +23,11 @@ The method, in the order it runs (``Prefill.begin``):
 4. **Token sparsity** (optional): inside each selected chunk keep the ``token_capacity`` tokens the
    query attends to most (SnapKV-style pooling), the BOS anchor always.
 5. **Cache build**: ``full_prompt_mask`` re-encodes prefix + selected chunks + query (+ the masked
-   answer) jointly; ``chunk_query`` encodes each chunk once against the prefix and the last query
-   tokens and reuses that KV as is. Positions: ``continuous`` (selected chunks packed one after
+   answer) jointly, at each block start; ``chunk_query`` encodes each chunk once against the prefix
+   and the last query tokens and reuses that KV as is. With full-depth attention scoring the
+   chunk was already encoded once, against the prefix, the query and the answer slots: then
+   (``encode_once``) the decode reads that K/V, kept for the running top K while scoring, and no
+   chunk is encoded a second time. Positions: ``continuous`` (selected chunks packed one after
    another), ``reuse`` (the positions each chunk had when encoded), ``absolute`` (its original
    place in the BOS-anchored context).
 6. **Decoding**: the sampler's steps run the answer block against the pool of prefix + selected
@@ -36,14 +40,15 @@ this is exactly the dense dual cache (tests/test_prefill.py proves it).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
-from pdllm.cache import ChunkKVCache, KVRecorder
+from pdllm.cache import ChunkKVCache
 from pdllm.graphs import StepGraph, capture, graphs_available
+from pdllm.model import apply_rope
 from pdllm.official import confidence_draft
 from pdllm.sampler import Batch, GenerationConfig, Vanilla, generate, synchronize
 from pdllm.tokenizer import LongContextPrompt
@@ -80,6 +85,7 @@ class PrefillConfig:
     token_query_window: int = 8  # token sparsity scores with the last N query rows, all layers
     cache_mode: str = "full_prompt_mask"
     chunk_query_window: int = 8  # chunk_query: each chunk is encoded with the last N query tokens
+    encode_once: bool = True  # chunk_query + full-depth attention scoring: decode reads the scoring K/V
     positions: str = "continuous"
     position_grid: str = "lengths"  # see POSITION_GRIDS and build_layout
 
@@ -175,15 +181,22 @@ class AttentionProbe:
     give each key of the chunk: (B, L_chunk) per layer, max-pooled along tokens, summed over heads.
 
     The mass comes from the chunk-attention kernels (first pass: log-sum-exp of the query rows over
-    all keys; second pass: each chunk key's share), so no attention matrix is materialised.
+    all keys; second pass: each chunk key's share), so no attention matrix is materialised. With
+    ``keep_kv`` it also keeps every layer's K/V of the chunk rows (encode once).
     """
 
-    def __init__(self, layers, query_rows: slice, key_rows: slice, pool_kernel: int):
+    def __init__(self, layers, query_rows: slice, key_rows: slice, pool_kernel: int, keep_kv: bool = False):
         self.layers, self.query_rows, self.key_rows, self.pool_kernel = set(layers), query_rows, key_rows, pool_kernel
         self.token_scores: list[torch.Tensor] = []  # one (B, L_chunk) fp32 per probed layer
+        self.keep_kv = keep_kv
+        self.k: list[torch.Tensor] = []  # with keep_kv: one (B, Hkv, L_chunk, D) per layer run
+        self.v: list[torch.Tensor] = []
 
     def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
         out = dense_attention(q, k, v, mask, backend)
+        if self.keep_kv:
+            self.k.append(k[:, :, self.key_rows])
+            self.v.append(v[:, :, self.key_rows])
         if layer in self.layers:
             B, Hkv, T, D = k.shape
             pool_k = k.transpose(0, 1).reshape(Hkv, B * T, D)  # the batch's keys as one pool
@@ -206,34 +219,53 @@ def pool_tokens(mass: torch.Tensor, kernel: int) -> torch.Tensor:
     return pooled[..., : mass.shape[-1]]
 
 
-def _batches(chunks, batch_size):
-    """Chunk indices grouped by length (so no padding is needed), in batches."""
-    by_len: dict[int, list[int]] = {}
-    for i, c in enumerate(chunks):
-        by_len.setdefault(len(c), []).append(i)
-    for ids in by_len.values():
+def _batches(shapes, batch_size):
+    """Indices grouped by shape (so no padding is needed), in batches."""
+    by_shape: dict = {}
+    for i, s in enumerate(shapes):
+        by_shape.setdefault(s, []).append(i)
+    for ids in by_shape.values():
         for j in range(0, len(ids), batch_size):
             yield ids[j : j + batch_size]
 
 
-def attention_token_scores(model, prefix, chunks, query, layers, pool_kernel, batch_size) -> list[torch.Tensor]:
-    """Per chunk, the pooled attention the query rows give each of its tokens, mean over layers.
+@dataclass
+class ScoringJob:
+    """One chunk's scoring forward: prefix + chunk + rows (query and answer slots), positions 0..n-1."""
 
-    Each chunk is encoded as prefix + chunk + query with positions 0..n-1 (its own local
-    forward), so memory stays O(chunk) for any context length. The forward stops after the
-    deepest layer read (early exit): no later layer, no final norm or head.
+    prefix: list[int]
+    chunk: list[int]
+    rows: list[int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.prefix), len(self.chunk), len(self.rows)
+
+
+def scored_batches(model, jobs: list[ScoringJob], layers, pool_kernel: int, batch_size: int, keep_kv: bool = False):
+    """Run the jobs' forwards batch_size at a time, grouped by shape, whichever request they come
+    from; yield (job ids, pooled attention (n, L_chunk) mean over ``layers``, probe).
+
+    Each forward is a local sequence of one chunk, so memory is O(chunk x batch_size) whatever the
+    context, and it stops after the deepest layer read (early exit: no later layer, no head).
     """
-    dev, P, Q = model.device, len(prefix), len(query)
-    scores: list[torch.Tensor | None] = [None] * len(chunks)
-    for ids in _batches(chunks, batch_size):
-        C = len(chunks[ids[0]])
-        idx = torch.tensor([prefix + chunks[i] + query for i in ids], device=dev)
+    dev = model.device
+    for ids in _batches([j.shape for j in jobs], batch_size):
+        P, C, Q = jobs[ids[0]].shape
+        idx = torch.tensor([jobs[i].prefix + jobs[i].chunk + jobs[i].rows for i in ids], device=dev)
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)
-        probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), pool_kernel)
+        probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), pool_kernel, keep_kv)
         model(idx, pos, cache=probe, stop_after=max(layers) + 1)
-        per_token = torch.stack(probe.token_scores).mean(dim=0)  # (B, C)
+        yield ids, torch.stack(probe.token_scores).float().mean(dim=0), probe
+
+
+def attention_token_scores(model, jobs: list[ScoringJob], layers, pool_kernel: int, batch_size: int) -> list[torch.Tensor]:
+    """Per job, the pooled attention its rows give each token of its chunk, mean over layers."""
+    scores: list[torch.Tensor | None] = [None] * len(jobs)
+    for ids, per_token, _ in scored_batches(model, jobs, layers, pool_kernel, batch_size):
+        per_token = per_token.cpu()
         for row, i in enumerate(ids):
-            scores[i] = per_token[row].float().cpu()
+            scores[i] = per_token[row]
     return scores
 
 
@@ -245,15 +277,72 @@ def scoring_depth(model, cfg: PrefillConfig) -> int:
     return L if cfg.score_depth is None else cfg.score_depth
 
 
-def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: PrefillConfig, slots: int = 0) -> torch.Tensor:
+class StreamedTopK:
+    """Each request's K best chunks so far, with the K/V their scoring forward computed, in K slots
+    of pool rows (encode once). Holding every chunk's K/V until all are scored would cost
+    O(context) memory; a chunk's K/V is copied into a slot only while it ranks in the top K, in
+    select_chunks' order (higher score, then the earlier chunk; NaN last), so the chunks held at
+    the end are exactly the ones select_chunks picks.
+    """
+
+    def __init__(self, cache: ChunkKVCache, k: int, chunks: list[list[list[int]]]):
+        self.cache = cache
+        self.slots = [[cache.allocate(max(map(len, cs))) for _ in range(min(k, len(cs)))] for cs in chunks]
+        self.held: list[dict[int, int]] = [{} for _ in chunks]  # chunk -> slot, per request
+        self.rank: list[dict[int, tuple]] = [{} for _ in chunks]  # chunk -> its sort key
+
+    def offer(self, b: int, i: int, score: float, probe: AttentionProbe, row: int):
+        key = (float("inf") if score != score else -score, i)
+        held, rank = self.held[b], self.rank[b]
+        if len(held) < len(self.slots[b]):
+            slot = len(held)
+        else:
+            worst = max(held, key=rank.__getitem__)
+            if key >= rank[worst]:
+                return
+            slot = held.pop(worst)
+            del rank[worst]
+        held[i], rank[i] = slot, key
+        rows = self.slots[b][slot][: probe.k[0].shape[2]]
+        for layer, (k, v) in enumerate(zip(probe.k, probe.v)):  # (Hkv, C, D) -> the row-major pool's (C, Hkv, D)
+            self.cache.k[layer].transpose(0, 1).index_copy_(0, rows, k[row].transpose(0, 1))
+            self.cache.v[layer].transpose(0, 1).index_copy_(0, rows, v[row].transpose(0, 1))
+
+    def rows(self, b: int, i: int) -> torch.Tensor:
+        """Pool rows holding chunk i of request b (its first len(chunk) rows)."""
+        return self.slots[b][self.held[b][i]]
+
+
+def score_requests_attention(model, prompts, chunks, cfg: PrefillConfig, slots: int = 0,
+                             keep: StreamedTopK | None = None) -> list[torch.Tensor]:
     """Chunk score = mean over its tokens of the pooled attention of the query and ``slots``
     masked answer rows, in the last cfg.score_layers layers at or below cfg.score_depth (GemFilter's
-    observation: early layers already find where the answer is, at a fraction of the forward)."""
+    observation: early layers already find where the answer is, at a fraction of the forward).
+
+    The chunks of every request go through shared forwards. Returns (n_chunks,) fp32 per request;
+    ``keep`` takes the K/V of the chunks ranking in the top K as they are scored.
+    """
     depth = scoring_depth(model, cfg)
     layers = range(max(0, depth - cfg.score_layers), depth)
-    rows = prompt.query + [model.cfg.mask_id] * slots
-    per_token = attention_token_scores(model, prompt.prefix, chunks, rows, layers, cfg.pool_kernel, cfg.score_batch)
-    return torch.stack([s.mean() for s in per_token])
+    jobs, owner = [], []
+    for b, (prompt, cs) in enumerate(zip(prompts, chunks)):
+        rows = prompt.query + [model.cfg.mask_id] * slots
+        jobs += [ScoringJob(prompt.prefix, c, rows) for c in cs]
+        owner += [(b, i) for i in range(len(cs))]
+    scores = [torch.empty(len(cs)) for cs in chunks]
+    for ids, per_token, probe in scored_batches(model, jobs, layers, cfg.pool_kernel, cfg.score_batch, keep is not None):
+        chunk_scores = per_token.mean(dim=1).cpu()
+        for row, j in enumerate(ids):
+            b, i = owner[j]
+            scores[b][i] = chunk_scores[row]
+            if keep is not None:
+                keep.offer(b, i, chunk_scores[row].item(), probe, row)
+    return scores
+
+
+def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: PrefillConfig, slots: int = 0) -> torch.Tensor:
+    """The attention scores of one request's chunks (see score_requests_attention)."""
+    return score_requests_attention(model, [prompt], [chunks], cfg, slots)[0]
 
 
 def draft_answer(model, prompt: LongContextPrompt, cfg: PrefillConfig) -> tuple[list[int], list[bool]]:
@@ -293,7 +382,7 @@ def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: Pre
     if not keep.any():
         raise ValueError("no draft token is scored: keep at least one slot")
     scores = torch.empty(len(chunks))
-    for ids in _batches(chunks, cfg.score_batch):
+    for ids in _batches([len(c) for c in chunks], cfg.score_batch):
         C = len(chunks[ids[0]])
         shown = [mask_id] * d if mode == "masked" else draft
         idx = torch.tensor([prompt.prefix + chunks[i] + prompt.query + shown for i in ids], device=dev)
@@ -403,17 +492,45 @@ def build_layout(prompt: LongContextPrompt, chunks, selected, kept, gen_length, 
     return Layout(tokens, positions, spans, query_start, query_start + len(prompt.query))
 
 
-def encode_chunk_query(model, cache: ChunkKVCache, prompt: LongContextPrompt, layout: Layout, window: int):
-    """chunk_query: prefix encoded alone; each chunk encoded against the prefix plus the last
-    ``window`` query tokens, and only the chunk's rows kept. Returns the pool rows of the layout."""
+class PoolWriter:
+    """Plain self-attention over the forward's own tokens that also writes every layer's K/V into
+    pool rows (B, T) of a ChunkKVCache: a segment encoded straight into the pool, no K/V copy kept."""
+
+    def __init__(self, cache: ChunkKVCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows.reshape(-1)
+
+    def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
+        B, Hkv, T, D = k.shape  # one row copy per tensor into the row-major pool, as ChunkKVCache.attend
+        self.cache.k[layer].transpose(0, 1).index_copy_(0, self.rows, k.transpose(1, 2).reshape(B * T, Hkv, D))
+        self.cache.v[layer].transpose(0, 1).index_copy_(0, self.rows, v.transpose(1, 2).reshape(B * T, Hkv, D))
+        return dense_attention(q, k, v, mask, backend)
+
+
+def _groups(keys) -> list[list[int]]:
+    """Indices of equal keys together: the requests whose forwards can share one batch unpadded."""
+    return list(_batches(keys, len(keys)))
+
+
+def encode_prefixes(model, cache: ChunkKVCache, layouts: list[Layout], prefix_lengths: list[int]) -> list[torch.Tensor]:
+    """chunk_query: every request's prefix encoded alone (one forward per prefix length), straight
+    into fresh pool rows. Returns each request's prefix rows."""
     dev = model.device
-    rows = cache.allocate(len(layout.tokens))
+    rows = [cache.allocate(P) for P in prefix_lengths]
+    for group in _groups(prefix_lengths):
+        P = prefix_lengths[group[0]]
+        tokens = torch.tensor([layouts[b].tokens[:P] for b in group], device=dev)
+        pos = torch.tensor([layouts[b].positions[:P] for b in group], device=dev)
+        model(tokens, pos, cache=PoolWriter(cache, torch.stack([rows[b] for b in group])), stop_after=model.cfg.n_layers)
+    return rows
+
+
+def encode_chunk_query(model, cache: ChunkKVCache, prompt: LongContextPrompt, layout: Layout, window: int,
+                       prefix_rows: torch.Tensor) -> torch.Tensor:
+    """chunk_query: each chunk encoded against the (cached) prefix plus the last ``window`` query
+    tokens, and only the chunk's rows kept. Returns the pool rows of the layout."""
+    dev = model.device
     P = len(prompt.prefix)
-    rec = KVRecorder()
-    model(torch.tensor([layout.tokens[:P]], device=dev), torch.tensor([layout.positions[:P]], device=dev),
-          cache=rec, logits_slice=slice(0, 0))
-    k, v = rec.stacked()
-    cache.store(rows[:P], k[:, 0], v[:, 0])
+    rows = torch.cat([prefix_rows, cache.allocate(len(layout.tokens) - P)])
     tail = prompt.query[-window:]
     scratch = cache.allocate(len(tail))
     tail_pos = layout.positions[layout.query_start : layout.query_start + len(tail)]
@@ -421,8 +538,28 @@ def encode_chunk_query(model, cache: ChunkKVCache, prompt: LongContextPrompt, la
         view = cache.view([torch.cat([rows[:P], rows[s:e], scratch])])
         view.set_write_rows(torch.cat([rows[s:e], scratch])[None])
         model(torch.tensor([layout.tokens[s:e] + tail], device=dev),
-              torch.tensor([layout.positions[s:e] + tail_pos], device=dev), cache=view, logits_slice=slice(0, 0))
+              torch.tensor([layout.positions[s:e] + tail_pos], device=dev), cache=view, stop_after=model.cfg.n_layers)
     return rows
+
+
+def reuse_scored_chunks(model, cache: ChunkKVCache, keep: StreamedTopK, b: int, layout: Layout, selected, kept,
+                        prefix_rows: torch.Tensor) -> torch.Tensor:
+    """chunk_query, encoded once: a selected chunk's rows are the K/V its scoring forward computed
+    (kept by StreamedTopK), no second encode. K was rotated at the position it was scored at
+    (prefix length + offset); RoPE rotations compose, so rotating it by the difference puts it
+    at its layout position. Returns the pool rows of the layout."""
+    dev, P = model.device, len(prefix_rows)
+    rows = [prefix_rows]
+    for i, (s, e) in zip(selected, layout.chunk_spans):
+        r = keep.rows(b, i)[kept[i].to(dev)]
+        shift = torch.tensor(layout.positions[s:e]) - (P + kept[i])
+        if shift.any():
+            cos, sin = model.rope(shift[None].to(dev))
+            for layer in range(model.cfg.n_layers):
+                cache.k[layer][:, r] = apply_rope(cache.k[layer][:, r][None], cos, sin)[0]
+        rows.append(r)
+    rows.append(cache.allocate(len(layout.tokens) - layout.query_start))  # query + answer: filled at each block start
+    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,81 +591,123 @@ class Prefill:
         bos = model.cfg.bos_id if cfg.chunk_bos else None
         if cfg.chunk_bos and bos is None:
             raise ValueError("chunk_bos=True but the model config has no bos_id; set it or pass chunk_bos=False")
-        self.graph, self.selected, self.scores, self.chunk_lengths = None, [], [], []  # a method object may be reused
+        self.graph = None  # a method object may be reused
         slots = batch.config.block_length if cfg.score_slots is None else cfg.score_slots
         synchronize(dev)
         t0 = time.perf_counter()
-        layouts = []
-        for prompt in prompts:  # steps 1-4, one request at a time (each has its own chunks)
-            chunks, kept = self.select(model, prompt, bos, slots)
-            grid = cfg.chunk_size if cfg.position_grid == "chunk_size" else None
-            layouts.append(build_layout(prompt, chunks, sorted(kept), kept, G, cfg.positions, model.cfg.mask_id, grid))
+        chunks, kept, keep = self.select(model, prompts, bos, slots, G)  # steps 1-4, all requests together
+        grid = cfg.chunk_size if cfg.position_grid == "chunk_size" else None
+        layouts = [build_layout(p, c, sorted(k), k, G, cfg.positions, model.cfg.mask_id, grid)
+                   for p, c, k in zip(prompts, chunks, kept)]
         synchronize(dev)
         t1 = time.perf_counter()
-        self.build_cache(model, prompts, layouts, G)  # step 5; full_prompt_mask fills it at the first step
+        self.build_cache(model, prompts, layouts, G, kept, keep)  # step 5; full_prompt_mask fills it at the first step
         synchronize(dev)
-        self.stats = {"score_s": t1 - t0, "build_s": time.perf_counter() - t1,
-                      "chunks": [len(c) for c in self.chunk_lengths], "selected": self.selected,
-                      "kv_rows": [len(lay.tokens) for lay in layouts]}
+        self.stats = {"score_s": t1 - t0, "build_s": time.perf_counter() - t1, "reencode_s": 0.0,
+                      "encode_once": keep is not None, "chunks": [len(c) for c in self.chunk_lengths],
+                      "selected": self.selected, "kv_rows": [len(lay.tokens) for lay in layouts]}
 
-    def select(self, model, prompt: LongContextPrompt, bos: int | None, slots: int):
-        """Chunk, score, keep the top K, and (optionally) the best tokens inside them.
-        Returns the chunks and {selected chunk: kept offsets}."""
+    def encodes_once(self, model) -> bool:
+        """Whether the scoring forward's K/V is the K/V the decode reads: chunk_query, attention
+        scoring, every layer run. (full_prompt_mask re-encodes by definition; an early exit has
+        no K/V for the later layers; draft scoring encodes the chunk with the draft, not the query.)"""
         cfg = self.cfg
-        chunks = split_chunks(prompt.context, cfg.chunk_size, bos, cfg.chunking)
-        if cfg.score == "attention":
-            scores = score_chunks_attention(model, prompt, chunks, cfg, slots)
-        else:
-            draft, scored = draft_answer(model, prompt, cfg)
-            scores = score_chunks_draft(model, prompt, chunks, draft, cfg, scored)
-        selected = select_chunks(scores, cfg.top_k)
-        kept = {i: torch.arange(len(chunks[i])) for i in selected}
-        if cfg.token_capacity is not None:
-            window = prompt.query[-cfg.token_query_window:] + [model.cfg.mask_id] * slots
-            token_scores = attention_token_scores(model, prompt.prefix, [chunks[i] for i in selected], window,
-                                                  range(model.cfg.n_layers), cfg.pool_kernel, cfg.score_batch)
-            kept = {i: keep_tokens(s, cfg.token_capacity, cfg.chunk_bos) for i, s in zip(selected, token_scores)}
-        self.selected.append(selected)
-        self.scores.append(scores)
-        self.chunk_lengths.append([len(c) for c in chunks])
-        return chunks, kept
+        return (cfg.encode_once and cfg.cache_mode == "chunk_query" and cfg.score == "attention"
+                and scoring_depth(model, cfg) == model.cfg.n_layers)
 
-    def build_cache(self, model, prompts, layouts, gen_length):
+    def select(self, model, prompts, bos: int | None, slots: int, gen_length: int):
+        """Chunk, score, keep the top K, and (optionally) the best tokens inside them, for every
+        request of the batch through shared scoring forwards. Returns per request the chunks and
+        {selected chunk: kept offsets}, and the StreamedTopK holding the chunks' K/V (encode once)."""
+        cfg, mask_id = self.cfg, model.cfg.mask_id
+        chunks = [split_chunks(p.context, cfg.chunk_size, bos, cfg.chunking) for p in prompts]
+        keep = None
+        if self.encodes_once(model):  # the pool: prefix + K chunk slots + query + answer per request
+            rows = sum(len(p.prefix) + len(p.query) + gen_length for p in prompts)
+            rows += sum(min(cfg.top_k, len(cs)) * max(map(len, cs)) for cs in chunks)
+            keep = StreamedTopK(ChunkKVCache.for_model(model, rows), cfg.top_k, chunks)
+        if cfg.score == "attention":
+            scores = score_requests_attention(model, prompts, chunks, cfg, slots, keep)
+        else:
+            scores = []
+            for p, cs in zip(prompts, chunks):
+                draft, scored = draft_answer(model, p, cfg)
+                scores.append(score_chunks_draft(model, p, cs, draft, cfg, scored))
+        selected = [select_chunks(s, cfg.top_k) for s in scores]
+        kept = [{i: torch.arange(len(cs[i])) for i in sel} for cs, sel in zip(chunks, selected)]
+        if cfg.token_capacity is not None:
+            jobs, owner = [], []
+            for b, (p, cs, sel) in enumerate(zip(prompts, chunks, selected)):
+                window = p.query[-cfg.token_query_window:] + [mask_id] * slots
+                jobs += [ScoringJob(p.prefix, cs[i], window) for i in sel]
+                owner += [(b, i) for i in sel]
+            token_scores = attention_token_scores(model, jobs, range(model.cfg.n_layers), cfg.pool_kernel, cfg.score_batch)
+            for (b, i), s in zip(owner, token_scores):
+                kept[b][i] = keep_tokens(s, cfg.token_capacity, cfg.chunk_bos)
+        self.selected, self.scores = selected, scores
+        self.chunk_lengths = [[len(c) for c in cs] for cs in chunks]
+        return chunks, kept, keep
+
+    def build_cache(self, model, prompts, layouts, gen_length, kept=None, keep: StreamedTopK | None = None):
         """One pool for the whole batch; each request reads its own rows through the index."""
         dev, cq = model.device, self.cfg.cache_mode == "chunk_query"
-        scratch = max(len(p.query) for p in prompts) if cq else 0  # chunk_query's temporary query rows
-        self.cache = ChunkKVCache.for_model(model, sum(len(lay.tokens) + scratch for lay in layouts))
-        self.rows = [encode_chunk_query(model, self.cache, p, lay, self.cfg.chunk_query_window) if cq
-                     else self.cache.allocate(len(lay.tokens)) for p, lay in zip(prompts, layouts)]
+        if keep is not None:
+            self.cache = keep.cache
+        else:
+            scratch = max(len(p.query) for p in prompts) if cq else 0  # chunk_query's temporary query rows
+            self.cache = ChunkKVCache.for_model(model, sum(len(lay.tokens) + scratch for lay in layouts))
+        if not cq:
+            self.rows = [self.cache.allocate(len(lay.tokens)) for lay in layouts]
+        else:
+            prefixes = encode_prefixes(model, self.cache, layouts, [len(p.prefix) for p in prompts])
+            if keep is not None:
+                self.rows = [reuse_scored_chunks(model, self.cache, keep, b, lay, sorted(kept[b]), kept[b], pre)
+                             for b, (lay, pre) in enumerate(zip(layouts, prefixes))]
+            else:
+                self.rows = [encode_chunk_query(model, self.cache, p, lay, self.cfg.chunk_query_window, pre)
+                             for p, lay, pre in zip(prompts, layouts, prefixes)]
         self.cache.set_index(self.rows)
         self.layouts, self.gen_length = layouts, gen_length
         self.tokens = [torch.tensor(lay.tokens, device=dev) for lay in layouts]
         self.positions = [torch.tensor(lay.positions, device=dev) for lay in layouts]
 
-    def _refresh(self, model, b, answer, first, last):
-        """Re-encode what a block start re-encodes (full_prompt_mask: everything kept; chunk_query:
-        query + answer against the cached chunks). Returns logits for answer rows [first, last)."""
-        lay, rows, dev = self.layouts[b], self.rows[b], model.device
-        self.tokens[b][lay.gen_start :] = answer
+    def _refresh(self, model, group, first, last):
+        """Re-encode what a block start re-encodes, for requests of one shape in one forward
+        (full_prompt_mask: everything kept; chunk_query: query + answer against the cached chunks).
+        Returns logits (len(group), last - first, V) for answer rows [first, last)."""
+        lay = self.layouts[group[0]]
         if self.cfg.cache_mode == "full_prompt_mask":
-            rec = KVRecorder()
-            logits = model(self.tokens[b][None], self.positions[b][None], cache=rec,
-                           logits_slice=slice(lay.gen_start + first, lay.gen_start + last))
-            k, v = rec.stacked()
-            self.cache.store(rows, k[:, 0], v[:, 0])
-            return logits
-        q0 = lay.query_start
-        view = self.cache.view([rows])
-        view.set_write_rows(rows[q0:][None])
-        return model(self.tokens[b][None, q0:], self.positions[b][None, q0:], cache=view,
-                     logits_slice=slice(lay.gen_start - q0 + first, lay.gen_start - q0 + last))
+            tokens = torch.stack([self.tokens[b] for b in group])
+            pos = torch.stack([self.positions[b] for b in group])
+            writer = PoolWriter(self.cache, torch.stack([self.rows[b] for b in group]))
+            return model(tokens, pos, cache=writer, logits_slice=slice(lay.gen_start + first, lay.gen_start + last))
+        q0 = [self.layouts[b].query_start for b in group]
+        view = self.cache.view([self.rows[b] for b in group])
+        view.set_write_rows(torch.stack([self.rows[b][q:] for b, q in zip(group, q0)]))
+        tokens = torch.stack([self.tokens[b][q:] for b, q in zip(group, q0)])
+        pos = torch.stack([self.positions[b][q:] for b, q in zip(group, q0)])
+        g0 = lay.gen_start - lay.query_start
+        return model(tokens, pos, cache=view, logits_slice=slice(g0 + first, g0 + last))
 
     def block_logits(self, model, x, start, end, step):
         shift = model.cfg.logit_shift  # Dream: the row before each token predicts it
         P = x.shape[1] - self.gen_length  # where the answer starts in the sampler's x
         first, last = start - P - shift, end - P  # answer-relative rows to run (the whole block)
-        if step == 0:
-            return torch.cat([self._refresh(model, b, x[b, P:], first, last - shift) for b in range(x.shape[0])])
+        if step == 0:  # the block start's re-encode, batched over requests of one shape, timed apart
+            synchronize(x.device)
+            t0 = time.perf_counter()
+            for b, lay in enumerate(self.layouts):
+                self.tokens[b][lay.gen_start :] = x[b, P:]
+            full = self.cfg.cache_mode == "full_prompt_mask"
+            shapes = [len(lay.tokens) if full else len(lay.tokens) - lay.query_start for lay in self.layouts]
+            logits = [None] * len(self.layouts)
+            for group in _groups(shapes):
+                for b, rows in zip(group, self._refresh(model, group, first, last - shift)):
+                    logits[b] = rows
+            out = torch.stack(logits)
+            synchronize(x.device)
+            self.stats["reencode_s"] = self.stats.get("reencode_s", 0.0) + time.perf_counter() - t0
+            return out
         idx = x[:, start - shift : end]
         if self.graph is not None and self.graph.key == (start, end):
             return self.graph(idx)
