@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pdllm.cache import KVRecorder
-from pdllm.official import OFFICIAL_GENERATION, confidence_draft, unmask_by_confidence
+from pdllm.official import OFFICIAL_GENERATION, confidence_draft, generate_official, unmask_by_confidence
 from pdllm.prefill import (Prefill, PrefillConfig, build_layout, draft_answer, score_chunks_draft, select_chunks,
                            split_chunks)
 from pdllm.sampler import GenerationConfig, generate
@@ -255,6 +255,52 @@ def test_official_preset_end_to_end_under_threshold_0_9(model_name, request):
         assert lay.positions == list(range(len(lay.tokens)))
 
 
+class Steps:
+    """Wraps a method; keeps each step's block tokens (before the step) and logits."""
+
+    def __init__(self, method):
+        self.method, self.name, self.seen = method, method.name, []
+
+    @property
+    def stats(self):
+        return self.method.stats
+
+    def begin(self, model, batch):
+        self.method.begin(model, batch)
+
+    def block_logits(self, model, x, start, end, step):
+        out = self.method.block_logits(model, x, start, end, step)
+        self.seen.append((x[:, start:end].clone(), out.float().clone()))
+        return out
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_official_answer_path_fills_slot_zero_first_then_thresholds_at_0_9(model_name, request):
+    model = request.getfixturevalue(model_name)
+    mask = model.cfg.mask_id
+    prompt = request_of(model, context_len=28, seed=4)
+    gc = GenerationConfig(**{**OFFICIAL_GENERATION, "gen_length": 8, "block_length": 8})
+    steps = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    out = generate_official(model, [prompt], gc, steps)
+    answer = out.tokens[0]
+    blocks = [b[0] for b, _ in steps.seen[1:]] + [answer]  # the block before each step, then the answer
+    first_block, first_logits = steps.seen[0]
+    assert (first_block == mask).all()
+    assert blocks[0].tolist() == [first_logits[0, 0].argmax().item()] + [mask] * 7  # step 0 fills slot 0 alone
+    for (before, logits), after in zip(steps.seen[1:], blocks[1:]):  # then: the top-1 and every slot >= 0.9
+        before, probs = before[0], logits[0].softmax(-1)
+        conf, x0 = probs.max(-1)  # over the whole vocabulary: [MASK] may be drawn
+        masked = before == mask
+        conf = torch.where(masked, conf, -1.0)
+        chosen = (conf >= 0.9) | (torch.arange(8) == conf.argmax())
+        assert torch.equal(after, torch.where(chosen & masked, x0, before))
+    assert out.nfe == len(steps.seen) <= 1 + 8 + 8
+    # pdllm's own sampler takes top-1 + threshold from the first forward: a different answer path
+    mine = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    generate(model, [prompt], gc, method=mine)
+    assert torch.equal(mine.seen[0][1], first_logits)  # same selection, same first forward
+
+
 @pytest.mark.parametrize("checkpoint", ["llada_dir", "dream_dir"])
 def test_cli_preset_official(checkpoint, tmp_path, capsys, request):
     from pdllm.cli import main
@@ -269,3 +315,5 @@ def test_cli_preset_official(checkpoint, tmp_path, capsys, request):
     assert "[prefill]" in err and "selected chunks" in err
     with pytest.raises(SystemExit, match="--method prefill"):
         main([a if a != "prefill" else "dual" for a in args])
+    with pytest.raises(SystemExit, match="greedily"):
+        main(args + ["--temperature", "0.5"])

@@ -30,7 +30,8 @@ def add_generation_args(p: argparse.ArgumentParser):
                              "or the preset's)")
     f.add_argument("--preset", default=None, choices=["official"],
                    help="official: the official code's selection (PrefillConfig.official for the model's arch), its "
-                   "prompt without chat template, and gen 32 / block 32 / threshold 0.9 unless given")
+                   "prompt without chat template, its answer path (pdllm.official.generate_official), threshold 0.9 "
+                   "unless given")
     f.add_argument("--chunk-size", type=int, default=None, help="(1024)")
     f.add_argument("--top-k", type=int, default=None, help="(4)")
     f.add_argument("--score", default=None, choices=["attention", "draft"], help="(attention)")
@@ -138,7 +139,14 @@ def cmd_generate(args) -> int:
     total = config.gen_length if config.threshold is not None else config.steps
     progress = StepProgress(total, tok, visual=args.visual)
     method = make_cli_method(args, model)
-    out = generate(model, [prompt], config, method=method, callback=progress)
+    if args.preset == "official":  # the official generate's answer path: slot 0 first, [MASK] drawable
+        from pdllm.official import generate_official
+
+        if config.temperature != 0 or config.cfg_scale != 0:
+            raise SystemExit("error: --preset official decodes greedily by threshold: drop --temperature/--cfg-scale")
+        out = generate_official(model, [prompt], config, method)
+    else:
+        out = generate(model, [prompt], config, method=method, callback=progress)
     progress.close()
     if args.visual and args.method == "prefill":
         from pdllm.visual import render_selection

@@ -14,18 +14,21 @@ draft its chunk scores are conditioned on, and every answer block, with one conf
     confidence = the softmax probability of the argmax, over the whole vocabulary: [MASK] is not
     excluded, and a slot that draws [MASK] stays masked (pdllm's sampler excludes it).
 
-``PrefillConfig.official(arch)`` (prefill.py) is the preset that follows the official selection
-step by step; README "Reproducing the official code" lists each step against pdllm's default.
+``confidence_draft`` is the draft, ``generate_official`` the answer path (over any sampler method),
+both on ``unmask_by_confidence``. ``PrefillConfig.official(arch)`` (prefill.py) is the preset that
+follows the official selection step by step; README "Reproducing the official code" lists each
+step against pdllm's default.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.sampler import select_transfer
+from pdllm.sampler import GenerationConfig, GenerationOutput, make_batch, select_transfer, synchronize
 from pdllm.tokenizer import LongContextPrompt
 
 # The official README's best LongBench run decodes 32 tokens in one block of 32, threshold 0.9,
@@ -102,3 +105,44 @@ def plain_long_context_prompt(tok, context: str, question: str, instruction: str
     tokenized alone, no chat template (its eval's default ``--no-use_chat_template``)."""
     return LongContextPrompt(prefix=[tok.bos_id] + tok.encode(instruction), context=tok.encode(context),
                              query=tok.encode(question_template.format(question=question)))
+
+
+@torch.no_grad()
+def generate_official(model, prompts, config: GenerationConfig, method) -> GenerationOutput:
+    """The official generate's answer path, over a sampler method (the preset's: ``Prefill``).
+
+    Per block: the first forward (the method's step 0: for ``Prefill`` with ``full_prompt_mask``
+    the one encode of prefix + selected chunks + query + [MASK]s) fills slot 0 from its logit,
+    then every further forward (the method's cached steps) unmasks by ``config.threshold`` —
+    ``unmask_by_confidence``, the draft's rule, [MASK] drawable. Where ``generate`` thresholds from
+    the first forward and never draws [MASK]. Greedy only, as the official threshold decoder.
+    One difference stays: ``Prefill`` re-runs Dream's last query row with the block at every step
+    (its logit predicts slot 0), where the official dual cache keeps that row from the first forward.
+    """
+    if config.threshold is None or config.temperature != 0 or config.cfg_scale != 0:
+        raise ValueError("generate_official runs the official threshold decoder: set threshold (0.9), "
+                         "temperature=0 and cfg_scale=0")
+    batch = make_batch(model, prompts, config, model.cfg.eos_id)
+    x, P, dev = batch.x, batch.prompt_len, model.device
+    synchronize(dev)
+    t0 = time.perf_counter()
+    method.begin(model, batch)
+    synchronize(dev)
+    t1 = time.perf_counter()
+    nfe = 0
+    for blk in range(config.num_blocks):
+        s, e = P + blk * config.block_length, P + (blk + 1) * config.block_length
+        steps = 0
+
+        def slot_logits(tokens):  # tokens is x[:, s:e] itself: the method reads the current x
+            nonlocal steps, nfe
+            logits = method.block_logits(model, x, s, e, steps)
+            steps, nfe = steps + 1, nfe + 1
+            return logits
+
+        unmask_by_confidence(slot_logits, x[:, s:e], batch.mask_id, None, config.threshold, draw_mask=True)
+    synchronize(dev)
+    t2 = time.perf_counter()
+    stats = {"method": method.name, "begin_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "nfe": nfe,
+             "batch": x.shape[0], "gen_length": config.gen_length, **method.stats}
+    return GenerationOutput(tokens=x[:, P:].clone(), nfe=nfe, stats=stats)
