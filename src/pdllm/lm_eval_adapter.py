@@ -50,8 +50,8 @@ class PdllmLM(LM):
         start, user_head, turn_end = TEMPLATES[self.tok.family]
         body = self.tok.encode(text)
         cut = max(1, len(body) - self.query_tokens)
-        return LongContextPrompt(prefix=self.tok.encode(start + user_head), context=body[:cut],
-                                 query=body[cut:] + self.tok.encode(turn_end))
+        return LongContextPrompt(prefix=self.tok.encode_template(start + user_head), context=body[:cut],
+                                 query=body[cut:] + self.tok.encode_template(turn_end))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm

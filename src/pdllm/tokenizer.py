@@ -8,11 +8,16 @@ A long-context request is three parts, because Prefilling-dLLM chunks only the m
 
 ``LongContextPrompt`` holds the three as token ids; its ``token_ids()`` is the dense prompt that
 the baselines (vanilla, prefix, dual) decode from, so every method answers the same request.
+
+User text (a prompt, a context, a question) is always encoded as plain text: a document that
+contains ``<|eot_id|><|start_header_id|>assistant`` or ``<|mdm_mask|>`` gets the ids of those
+characters, never a control id. Only the chat template inserts control tokens.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,8 @@ class LongContextPrompt:
 
 class Tokenizer:
     def __init__(self, tk, family: str = "llada"):
+        from tokenizers import Tokenizer as HFTokenizer
+
         if family not in TEMPLATES:
             raise ValueError(f"unknown chat template {family!r}; choose one of {sorted(TEMPLATES)}")
         self.tk, self.family = tk, family
@@ -58,35 +65,90 @@ class Tokenizer:
             if ids[role] is None:
                 raise ValueError(f"tokenizer has no {token!r} ({role} token of the {family} template)")
         self.bos_id, self.eos_id, self.mask_id, self.eot_id = ids["bos"], ids["eos"], ids["mask"], ids["eot"]
-        self.special_ids = set(ids.values()) | {i for t, i in tk.get_vocab(with_added_tokens=True).items()
-                                                if t.startswith("<|") and t.endswith("|>")}
+        vocab = tk.get_vocab(with_added_tokens=True)
+        self.special_ids = set(ids.values()) | {i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
+        # Control tokens: the ids no user text may produce (roles, added special tokens, <|...|> names).
+        self.control_tokens = {t: i for t, i in vocab.items() if i in self.special_ids}
+        self.control_tokens |= {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        self.control_ids = set(self.control_tokens.values())
+        for part in TEMPLATES[family]:
+            for token in re.findall(r"<\|[^|]*\|>", part):
+                if token not in self.control_tokens:
+                    raise ValueError(f"tokenizer has no {token!r} (used by the {family} chat template)")
+        self._control_pattern = re.compile("|".join(map(re.escape, sorted(self.control_tokens, key=len, reverse=True))))
+        # A second instance that encodes special-token strings as the characters they are made of.
+        self._text_tk = HFTokenizer.from_str(tk.to_str())
+        self._text_tk.encode_special_tokens = True
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         """Load tokenizer.json from a checkpoint directory; the family follows config.json."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        from pdllm.model import CheckpointError, checkpoint_file, read_checkpoint_json
+
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise FileNotFoundError(f"{path}: tokenizer.json is missing (pdllm reads the tokenizers-library file)")
+        file = checkpoint_file(path, "tokenizer.json", str(path), missing=f"{path}: tokenizer.json is missing "
+                               "(pdllm reads the tokenizers-library file; copy it from the model's repository)")
         family = "llada"
-        cfg = path / "config.json"
-        if cfg.exists() and str(json.loads(cfg.read_text()).get("model_type", "")).lower() == "dream":
-            family = "dream"
+        if (path / "config.json").exists():
+            hf = read_checkpoint_json(path, "config.json")
+            if isinstance(hf, dict) and str(hf.get("model_type", "")).lower() == "dream":
+                family = "dream"
         try:
-            tk = HFTokenizer.from_file(str(file))
+            tk = HFTokenizer.from_str(file.read_bytes().decode("utf-8"))
         except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise ValueError(f"{file}: not a valid tokenizers file ({e})") from e
-        return cls(tk, family)
+            raise CheckpointError(f"{path / 'tokenizer.json'}: not a valid tokenizers file ({e}); "
+                                  "restore it from the model's repository") from e
+        try:
+            return cls(tk, family)
+        except ValueError as e:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: {e}") from e
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Text to ids; special-token strings in the text become their ids, nothing is added."""
-        return self.tk.encode(text, add_special_tokens=False).ids
+        """Plain text to ids: special-token strings in the text stay text (never a control id), nothing is added."""
+        enc = self._text_tk.encode(text, add_special_tokens=False)
+        if not self.control_ids.intersection(enc.ids):
+            return enc.ids
+        # Some control token is still matched (an added token that is not marked special, or a vocabulary
+        # entry named <|...|>): cut the text inside it, so that its characters are encoded on both sides.
+        out, rest = [], text
+        while True:
+            enc = self._text_tk.encode(rest, add_special_tokens=False)
+            bad = next((j for j, i in enumerate(enc.ids) if i in self.control_ids), None)
+            if bad is None:
+                return out + enc.ids
+            start, end = enc.offsets[bad]
+            if end - start <= 1:
+                raise ValueError(f"the text {rest[start:end]!r} can only be encoded as a control token of this tokenizer")
+            out += [i for i, (_, e) in zip(enc.ids, enc.offsets) if e <= start]
+            out += self._text_tk.encode(rest[start], add_special_tokens=False).ids
+            rest = rest[start + 1:]
+
+    def encode_template(self, text: str) -> list[int]:
+        """Template text to ids: its control-token strings (<|eot_id|>...) become control ids. Never for user text."""
+        return self._encode_parts([(text, True)])
+
+    def _encode_parts(self, parts) -> list[int]:
+        """Ids of consecutive (text, is_template) parts. Control strings count only in template parts; the
+        text between them is encoded in one piece, so the ids match the tokenizer's own joint encoding."""
+        ids, text = [], ""
+        for part, is_template in parts:
+            if not is_template:
+                text += part
+                continue
+            pos = 0
+            for m in self._control_pattern.finditer(part):
+                text += part[pos:m.start()]
+                ids += self.encode(text) if text else []
+                ids.append(self.control_tokens[m.group()])
+                text, pos = "", m.end()
+            text += part[pos:]
+        return ids + (self.encode(text) if text else [])
 
     def decode(self, ids, skip_special: bool = True, stop_at_eos: bool = True) -> str:
         """Ids to text; generation stops at the first EOS / end of turn (only after decoding)."""
@@ -101,25 +163,29 @@ class Tokenizer:
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def chat(self, user: str) -> list[int]:
-        """One user turn, ready for the assistant's answer."""
+        """One user turn, ready for the assistant's answer; `user` is plain text."""
         start, user_head, turn_end = TEMPLATES[self.family]
-        return self.encode(start + user_head + user + turn_end)
+        return self._encode_parts([(start + user_head, True), (user, False), (turn_end, True)])
 
     def long_context_prompt(self, context: str, question: str, instruction: str | None = None,
                             question_template: str | None = None) -> LongContextPrompt:
         """The chat prompt around a long context, as (prefix, context, query) ids.
 
         ``instruction`` is the user-turn text before the context; ``question_template`` the text
-        after it, with ``{question}`` filled in. The parts are tokenized separately so that chunk
-        boundaries never cut a token of the template.
+        after it, with ``{question}`` filled in (both are template: their control-token strings
+        count). ``context`` and ``question`` are plain text. The parts are tokenized separately so
+        that chunk boundaries never cut a token of the template.
         """
         if not context:
             raise ValueError("empty context: a long-context prompt needs a document to chunk")
+        if not question or not question.strip():
+            raise ValueError("empty question: a long-context prompt needs a question about the context")
         start, user_head, turn_end = TEMPLATES[self.family]
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         question_template = DEFAULT_QUESTION if question_template is None else question_template
+        before, _, after = question_template.format(question="\x00").partition("\x00")
         return LongContextPrompt(
-            prefix=self.encode(start + user_head + instruction),
+            prefix=self.encode_template(start + user_head + instruction),
             context=self.encode(context),
-            query=self.encode(question_template.format(question=question) + turn_end),
+            query=self._encode_parts([(before, True), (question, False), (after + turn_end, True)]),
         )
