@@ -317,3 +317,14 @@ def test_cli_preset_official(checkpoint, tmp_path, capsys, request):
         main([a if a != "prefill" else "dual" for a in args])
     with pytest.raises(SystemExit, match="greedily"):
         main(args + ["--temperature", "0.5"])
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_official_answer_path_batch_rows_match_single_requests(model_name, request):
+    model = request.getfixturevalue(model_name)
+    prompts = [request_of(model, context_len=28, seed=4), request_of(model, context_len=21, seed=5)]
+    gc = GenerationConfig(**{**OFFICIAL_GENERATION, "gen_length": 8, "block_length": 4})
+    cfg = PrefillConfig.official(model_name, chunk_size=8, top_k=2)
+    together = generate_official(model, prompts, gc, Prefill(cfg)).tokens
+    for row, p in zip(together, prompts):
+        assert torch.equal(row, generate_official(model, [p], gc, Prefill(cfg)).tokens[0])
