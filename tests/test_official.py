@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pdllm.cache import KVRecorder
+from pdllm.cache import DenseKVCache
 from pdllm.official import OFFICIAL_GENERATION, confidence_draft, generate_official, unmask_by_confidence
 from pdllm.prefill import (Prefill, PrefillConfig, build_layout, draft_answer, score_chunks_draft, select_chunks,
                            split_chunks)
@@ -221,6 +221,7 @@ def test_official_preset_is_the_readme_best_run_and_pdllm_defaults_stay():
         "continuous", "chunk_size", None)
     llada = PrefillConfig.official("llada")
     assert (llada.draft_likelihood, llada.position_grid) == ("leave_one_out", "lengths")
+    assert cfg.slot0_logit == llada.slot0_logit == "block_start" and PrefillConfig().slot0_logit == "rerun"
     assert PrefillConfig.official("dream", draft_rounds=None).draft_rounds is None  # any knob can be taken back
     mine = PrefillConfig()
     assert (mine.chunking, mine.score, mine.draft_decoder, mine.draft_scored, mine.position_grid) == (
@@ -328,3 +329,26 @@ def test_official_answer_path_batch_rows_match_single_requests(model_name, reque
     together = generate_official(model, prompts, gc, Prefill(cfg)).tokens
     for row, p in zip(together, prompts):
         assert torch.equal(row, generate_official(model, [p], gc, Prefill(cfg)).tokens[0])
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name, request):
+    """The official dual cache: after the block start's encode of the whole layout, a step runs
+    the block alone against that KV (Dream: the row before the block is not re-run, its logit,
+    slot 0's, is the block start's)."""
+    model = request.getfixturevalue(model_name)
+    prompt = request_of(model, context_len=28, seed=4)
+    gc = GenerationConfig(**{**OFFICIAL_GENERATION, "gen_length": 8, "block_length": 8})
+    steps = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    generate_official(model, [prompt], gc, steps)
+    assert len(steps.seen) >= 2
+    lay = steps.method.layouts[0]
+    G0, T = lay.gen_start, len(lay.tokens)
+    cache = DenseKVCache.for_model(model, 1, T)
+    pos = torch.tensor([lay.positions])
+    model(torch.tensor([lay.tokens[:G0] + [model.cfg.mask_id] * 8]), pos, cache=cache.window(0))  # block start
+    block = steps.seen[1][0]  # the block as the first cached step saw it (slot 0 filled)
+    ref = model(block, pos[:, G0:], cache=cache.window(G0))
+    if model.cfg.logit_shift:
+        ref = torch.cat([steps.seen[0][1][:, :1], ref[:, :-1]], dim=1)
+    assert_close(steps.seen[1][1], ref)

@@ -116,8 +116,8 @@ def generate_official(model, prompts, config: GenerationConfig, method) -> Gener
     then every further forward (the method's cached steps) unmasks by ``config.threshold`` —
     ``unmask_by_confidence``, the draft's rule, [MASK] drawable. Where ``generate`` thresholds from
     the first forward and never draws [MASK]. Greedy only, as the official threshold decoder.
-    One difference stays: ``Prefill`` re-runs Dream's last query row with the block at every step
-    (its logit predicts slot 0), where the official dual cache keeps that row from the first forward.
+    (The official dual cache for Dream, the row before the block kept from the block start, is
+    ``PrefillConfig.slot0_logit="block_start"``, which the preset sets.)
     """
     if config.threshold is None or config.temperature != 0 or config.cfg_scale != 0:
         raise ValueError("generate_official runs the official threshold decoder: set threshold (0.9), "

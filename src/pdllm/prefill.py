@@ -88,6 +88,8 @@ class PrefillConfig:
     encode_once: bool = True  # chunk_query + full-depth attention scoring: decode reads the scoring K/V
     positions: str = "continuous"
     position_grid: str = "lengths"  # see POSITION_GRIDS and build_layout
+    slot0_logit: str = "rerun"  # Dream's cached steps: "rerun" the row before the block with it, or keep
+    # that row's K/V and logit from the "block_start" re-encode (the official dual cache)
 
     @classmethod
     def official(cls, arch: str, **overrides) -> "PrefillConfig":
@@ -107,7 +109,7 @@ class PrefillConfig:
                      draft_draws_mask=True, draft_scored="confirmed",
                      draft_likelihood="causal" if dream else "leave_one_out", score_batch=8, token_capacity=None,
                      cache_mode="full_prompt_mask", positions="continuous",
-                     position_grid="chunk_size" if dream else "lengths")
+                     position_grid="chunk_size" if dream else "lengths", slot0_logit="block_start")
         return cls(**{**knobs, **overrides})
 
     def __post_init__(self):
@@ -124,7 +126,8 @@ class PrefillConfig:
                                      ("draft_decoder", self.draft_decoder, DRAFT_DECODERS),
                                      ("draft_scored", self.draft_scored, ("all", "confirmed")),
                                      ("chunking", self.chunking, CHUNKINGS),
-                                     ("position_grid", self.position_grid, POSITION_GRIDS)):
+                                     ("position_grid", self.position_grid, POSITION_GRIDS),
+                                     ("slot0_logit", self.slot0_logit, ("rerun", "block_start"))):
             if value not in allowed:
                 problems.append(f"{name}={value!r} must be one of {allowed}")
         if self.token_capacity is not None and self.token_capacity < 1 + self.chunk_bos:
@@ -707,17 +710,27 @@ class Prefill:
             out = torch.stack(logits)
             synchronize(x.device)
             self.stats["reencode_s"] = self.stats.get("reencode_s", 0.0) + time.perf_counter() - t0
+            self.slot0 = out[:, :1].clone()  # slot 0's logit of the block start (kept: slot0_logit)
             return out
-        idx = x[:, start - shift : end]
+        if shift and self.cfg.slot0_logit == "block_start":  # the official dual cache: the row before the
+            # block keeps its block-start K/V, and its logit (slot 0's) is the block start's
+            return torch.cat([self.slot0, self._cached_step(model, x, start, end, 0, end - start - 1)], dim=1)
+        return self._cached_step(model, x, start, end, shift, end - start)
+
+    def _cached_step(self, model, x, start, end, lead, n_logits):
+        """Run x[:, start - lead : end] against the pool (their K/V rewritten in place); the logits
+        of its first n_logits rows."""
+        P = x.shape[1] - self.gen_length
+        idx = x[:, start - lead : end]
         if self.graph is not None and self.graph.key == (start, end):
             return self.graph(idx)
-        take = [slice(lay.gen_start + first, lay.gen_start + last) for lay in self.layouts]
+        take = [slice(lay.gen_start + start - P - lead, lay.gen_start + end - P) for lay in self.layouts]
         cache = self.cache  # not self: a captured graph keeps `forward`, and self keeps the graph (a cycle)
         cache.set_write_rows(torch.stack([r[t] for r, t in zip(self.rows, take)]))
         pos = torch.stack([p[t] for p, t in zip(self.positions, take)])
 
         def forward(tokens):
-            return model(tokens, pos, cache=cache, logits_slice=slice(0, end - start))
+            return model(tokens, pos, cache=cache, logits_slice=slice(0, n_logits))
 
         if self.cuda_graphs and graphs_available(x.device):
             self.graph = capture(forward, idx, key=(start, end))
