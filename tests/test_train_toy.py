@@ -46,12 +46,54 @@ def test_batches_reproducible_and_prompt_never_masked(tok):
     assert text.isdigit() and b["target"][0, -1] == tok.eos_id
 
 
-def test_pretrain_rows_mask_the_whole_sequence(tok):
-    cfg, _, b = _batch(tok, pretrain_frac=1.0)
+def test_pretrain_rows_are_packed_bos_documents_masked_everywhere(tok):
+    cfg, _, b = _batch(tok, pretrain_frac=1.0, max_context=600, min_context=600, tokens_per_batch=4000)
     A = cfg.answer_length
-    assert b["masked"][:, :-A].any()  # prompt tokens masked too
-    assert not (b["masked"] & ~b["valid"]).any()  # never padding
+    assert not b["sft"].any() and (b["task"] == len(cfg.task_list)).all()
+    assert b["valid"].all()  # packed to the full length: no padding
+    assert (b["target"][:, 0] == tok.bos_id).all() and ((b["target"] == tok.bos_id).sum(1) >= 2).any()
+    assert b["masked"][:, :-A].any()  # every token maskable
     assert torch.equal(b["n_maskable"], b["valid"].sum(1))
+
+
+def test_mixed_batches_keep_the_answer_region_of_sft_rows(tok):
+    cfg, _, b = _batch(tok, pretrain_frac=0.5, tokens_per_batch=4000)
+    A = cfg.answer_length
+    sft = b["sft"]
+    assert sft.any() and (~sft).any()
+    assert not b["masked"][sft][:, :-A].any() and (b["n_maskable"][sft] == A).all()
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=64,
+                       mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    _, _, per_task = diffusion_loss(Transformer(mcfg), b, n_tasks=len(cfg.task_list))
+    assert per_task[:, 1].sum() == b["masked"][sft][:, -A:].sum()  # accuracy counts SFT answers only
+
+
+def test_passage_rows_cut_the_context_into_bos_led_passages(tok):
+    cfg, _, b = _batch(tok, passage_frac=1.0, passage_min=8, passage_max=16, tasks="passkey")
+    A = cfg.answer_length
+    for row in range(b["idx"].shape[0]):
+        ids = b["target"][row][b["valid"][row]].tolist()
+        assert ids.count(tok.bos_id) >= 3  # the prompt's own BOS and one per passage
+        answer = tok.decode([t for t in ids[-A:] if t != tok.eos_id])
+        prompt = tok.decode(ids[:-A])
+        assert answer.isdigit() and answer in prompt
+
+
+def test_grow_layers_keeps_the_function(tok):
+    from pdllm.train_toy import grow_layers
+
+    small = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64,
+                        mask_id=tok.mask_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(0)
+    a = Transformer(small)
+    b = Transformer(ModelConfig(**{**small.__dict__, "n_layers": 4}))
+    b.load_state_dict(grow_layers(a.state_dict(), 2, 4))
+    idx = torch.randint(3, tok.vocab_size, (2, 20))
+    pos = torch.arange(20).expand(2, -1)
+    torch.testing.assert_close(a(idx, pos), b(idx, pos))
+    assert torch.equal(b.blocks[1].attn.q.weight, a.blocks[0].attn.q.weight)  # the copy keeps its attention
+    with pytest.raises(ValueError, match="multiple"):
+        grow_layers(a.state_dict(), 2, 3)
 
 
 @pytest.mark.parametrize("pretrain_frac", [0.0, 0.5])
@@ -174,7 +216,7 @@ def test_embedding_init(tok):
     torch.manual_seed(0)
     model = Transformer(mcfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    init_for_training(model, 0.02)  # the constructor's init: untouched (older models stay reproducible)
+    init_for_training(model, 0.02)  # the constructor's init: untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     init_for_training(model, 1.0)
     assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.05
@@ -186,9 +228,28 @@ def test_full_mask_rows_hide_the_whole_answer(tok):
     A = cfg.answer_length
     assert b["masked"][:, -A:].all() and not b["masked"][:, :-A].any()
     assert torch.allclose(b["p_mask"], torch.ones_like(b["p_mask"]))  # loss weight 1/p = 1
-    # the default (0) draws nothing extra: its batches are those of the runs before the knob
-    _, _, plain = _batch(tok)
-    _, _, zero = _batch(tok, full_mask_frac=0.0)
-    assert all(torch.equal(plain[k], zero[k]) for k in plain)
     _, _, half = _batch(tok, full_mask_frac=0.5)
     assert half["masked"][:, -A:].all(dim=1).any() and not half["masked"][:, -A:].all(dim=1).all()
+
+
+def test_recipe_runs_its_stages_and_the_trainer_writes_the_card(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("SMALL = dict(d_model=64, n_heads=2, mlp_hidden=128, min_context=32, max_context=96, "
+                      "chunk_size=32, answer_length=8, tokens_per_batch=1024, warmup=2, eval_n=5, eval_batch=5, "
+                      "eval_steps=2, workers=0, log_every=2)\n"
+                      "STAGES = [dict(name='short', what='from scratch', n_layers=1, steps=3, **SMALL),\n"
+                      "          dict(name='deep', what='grown', n_layers=2, steps=4, stop_at=2, pretrain_frac=0.3, "
+                      "passage_frac=0.5, **SMALL)]\n")
+    out = tmp_path / "toy"
+    assert main(["--recipe", str(recipe), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "stages" / "short" / "model.safetensors").exists() and (out / "recipe.py").exists()
+    assert from_pretrained(out, torch.float32).cfg.n_layers == 2
+    card = (out / "README.md").read_text()
+    assert "`short`" in card and "`deep`" in card and "grown from 1 to 2 layers" in card
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["info"]["steps_done"] == 2 and log["config"]["steps"] == 4
+    # a later stage alone needs the stage before's output
+    with pytest.raises(SystemExit, match="needs --init-from"):
+        main(["--recipe", str(recipe), "--out", str(tmp_path / "x"), "--from-stage", "deep"])
+    with pytest.raises(SystemExit, match="not a stage"):
+        main(["--recipe", str(recipe), "--out", str(tmp_path / "x"), "--from-stage", "nope", "--init-from", str(out)])

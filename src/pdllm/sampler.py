@@ -122,19 +122,24 @@ class Batch:
     mask_id: int
 
 
+def left_pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one length: x (B, T), valid (B, T) False on padding, and
+    positions (B, T) that count real tokens only, so padding shifts no row's positions."""
+    T, B = max(map(len, rows)), len(rows)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        x[b, T - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+        valid[b, : T - len(r)] = False
+    return x, valid, (valid.cumsum(dim=1) - 1).clamp_min(0)
+
+
 def make_batch(model, prompts, config: GenerationConfig, pad_id: int) -> Batch:
     rows = [_prompt_ids(p) for p in prompts]
     if any(len(r) == 0 for r in rows):
         raise ValueError("empty prompt: every prompt needs at least one token")
-    P, G, B = max(map(len, rows)), config.gen_length, len(rows)
-    mask_id = model.cfg.mask_id
-    x = torch.full((B, P + G), mask_id, dtype=torch.long)
-    valid = torch.ones(B, P + G, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        x[b, : P - len(r)] = pad_id
-        x[b, P - len(r) : P] = torch.as_tensor(r)
-        valid[b, : P - len(r)] = False
-    pos = (valid.cumsum(dim=1) - 1).clamp_min(0)
+    P, mask_id = max(map(len, rows)), model.cfg.mask_id
+    x, valid, pos = left_pad([r + [mask_id] * config.gen_length for r in rows], pad_id)
     dev = model.device
     key_mask = None if valid.all() else valid.to(dev)
     return Batch(x.to(dev), pos.to(dev), key_mask, P, list(prompts), config, mask_id)

@@ -1,41 +1,43 @@
 """Train pdllm's toy LLaDA-format model on synthetic long-context retrieval.
 
 No real LLaDA weights are available here, so pdllm ships its own small masked-diffusion model,
-in the LLaDA checkpoint format, to measure what sparse prefill does to *answers*. This script
-trains it from scratch in a few minutes on one GPU:
+in the LLaDA checkpoint format, to measure what sparse prefill does to *answers*. The embedded
+model is built by its recipe (``src/pdllm/assets/toy/recipe.py``: the stages, each one run of this
+trainer initialised from the one before), on one GPU:
 
-    python -m pdllm.train_toy --out runs/toy --device cuda     (or: pdllm train-toy ...)
-    python -m pdllm.train_toy --out /tmp/toy --smoke           (a few CPU steps, for tests)
-    python -m pdllm.train_toy --out runs/toy2 --init-from runs/toy ...   (go on training a checkpoint)
+    python -m pdllm.train_toy --recipe src/pdllm/assets/toy/recipe.py --out runs/toy --device cuda
+    python -m pdllm.train_toy --out runs/x --device cuda --max-context 2048 ...   (one run, flags)
+    python -m pdllm.train_toy --out /tmp/toy --smoke                             (a few CPU steps, for tests)
 
-Data: the three tasks of :mod:`pdllm.data.synthetic` (passkey, multi-key needle, kv lookup),
-mixed by ``task_weights`` (the log shows the masked-answer accuracy of each task), at random
-depths, generated on the fly in DataLoader workers from the seed. Each example
-is the chat prompt of :mod:`pdllm.tokenizer` (prefix + plain context + query; no per-chunk BOS)
-followed by an answer region of ``answer_length`` tokens: the answer's digits, then EOS padding.
+Data, generated on the fly in DataLoader workers from (seed, step), in three kinds of rows:
 
-Objective, as LLaDA's SFT: prompt tokens are never masked; per sequence t ~ U(0, 1), each
-answer-region token is masked with probability p = (1 - eps) t + eps; the loss is the
-cross-entropy on masked tokens weighted by 1/p, summed per sequence, divided by the answer
-region's length, averaged over the batch. Optionally (``--pretrain-frac``, default 0) a share of
-the sequences is noised as in LLaDA's pretraining instead: every token maskable, the sum divided
-by the sequence length.
+* **SFT rows**: the chat prompt of :mod:`pdllm.tokenizer` (prefix + context + question) of one of
+  the tasks of :mod:`pdllm.data.synthetic` (passkey, multi-key needle, kv lookup; mixed by
+  ``task_weights``) at a random depth, then an answer region of ``answer_length`` tokens (the
+  answer's digits, then EOS padding). Prompt tokens are never masked.
+* **passage rows** (``passage_frac`` of the SFT rows): the same, with the context cut into
+  passages of random length, each led by BOS, as a retrieval-augmented prompt hands a model
+  its documents.
+* **pretraining rows** (``pretrain_frac`` of the rows): documents (prose, lists, written-out
+  records of the tasks) packed into one sequence, each led by BOS, every token maskable: how
+  LLaDA-style models are pretrained, and why a BOS inside a sequence is something they know.
 
-Expected cost with the defaults (11.8 M parameters, 4000 steps of 64K tokens, contexts up to 1024
-tokens): an estimate of 4-6 minutes on one H100 from FLOP and memory-traffic counts, not yet
-measured; ``--max-train-minutes`` (6.5) stops training early, and says so, if it runs slower.
+Objective, as LLaDA's: per sequence t ~ U(0, 1), each maskable token is masked with probability
+p = (1 - eps) t + eps; the loss is the cross-entropy on masked tokens weighted by 1/p, summed per
+sequence, divided by the number of maskable tokens, averaged over the batch. ``full_mask_frac``
+of the SFT rows have the whole answer masked (t = 1): see make_train_batch.
 
 Curriculum: the context length of a batch is drawn from [min_context, L(step)], where L grows
 linearly from min_context to max_context over the first ``curriculum_frac`` of training
-(``long_frac`` of the batches use L(step) itself); the number of sequences per batch keeps the tokens per batch constant.
-max_context defaults to 16 chunks of the toy chunk size (16 x 64 = 1024 tokens).
+(``long_frac`` of the batches use L(step) itself); the number of sequences per batch keeps the
+tokens per batch constant.
 
 At the end: a bf16 checkpoint (config.json with LLaDA names, model.safetensors with LLaDA keys,
 tokenizer.json), reloaded with ``from_pretrained`` and evaluated by greedy masked-diffusion
-decoding (``pdllm.sampler.generate``, dense ``vanilla`` method) on held-out examples of every task
-at the longest length, over a grid of depths; results go to eval.json and the model card
-README.md. Data and initialisation are reproducible from ``--seed``; CUDA kernels may add
-run-to-run noise of the last bits.
+decoding (dense ``vanilla``, :func:`pdllm.eval.harness.run_examples`) on held-out examples of every
+task over a grid of depths; results go to eval.json, and the model card README.md is written from
+them. Data and initialisation are reproducible from ``--seed``; CUDA kernels may add run-to-run
+noise of the last bits.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -55,10 +58,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pdllm.data.synthetic import TASKS, make_example, make_grid, piece_encoder
+from pdllm.data.synthetic import TASKS, make_example, make_grid, packed_sequence, piece_encoder, split_passages
 from pdllm.data.toy_tokenizer import build_toy_tokenizer
 from pdllm.data.toy_tokenizer import save as save_tokenizer
 from pdllm.model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from pdllm.sampler import left_pad
 from pdllm.tokenizer import Tokenizer
 
 MASK_EPS = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
@@ -67,28 +71,32 @@ MASK_EPS = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
 @dataclass
 class TrainConfig:
     # model
-    d_model: int = 384
-    n_layers: int = 6
-    n_heads: int = 6
-    mlp_hidden: int = 1024
+    d_model: int = 256
+    n_layers: int = 8
+    n_heads: int = 4
+    mlp_hidden: int = 768
     rope_theta: float = 10000.0
     embedding_std: float = 1.0  # N(0, std) token embeddings (the rest: N(0, 0.02)); see init_for_training
     # data
     tasks: str = ",".join(TASKS)  # comma-separated subset of pdllm.data.synthetic.TASKS
     task_weights: str = ""  # e.g. "passkey=1,multikey_needle=2": sampling weights (default 1 each)
-    chunk_size: int = 64  # the toy chunk size Prefilling-dLLM runs with on this model
+    chunk_size: int = 128  # the chunk size Prefilling-dLLM runs with on this model (the card says it)
     min_context: int = 64
-    max_context: int = 1024  # >= 16 chunks
+    max_context: int = 2048
     curriculum_frac: float = 0.5  # the longest length is reached after this share of the steps
     long_frac: float = 0.5  # share of batches at the current longest length (the rest: uniform below it)
-    answer_length: int = 32  # answer digits + EOS padding (= the default gen_length of the evals)
+    answer_length: int = 16  # answer digits + EOS padding (= the gen_length of the evals)
     needle_spacing: int = 48  # multi-key: at most one needle per this many context tokens (a needle is ~18)
     min_needles: int = 1  # multi-key: at least this many (2+: the one-needle shortcut, copy the only number, fails)
     tokens_per_batch: int = 65536
-    pretrain_frac: float = 0.0  # share of sequences noised LLaDA-pretraining style (every token maskable)
-    full_mask_frac: float = 0.0  # share of SFT sequences whose whole answer is masked (t = 1); see make_train_batch
+    pretrain_frac: float = 0.0  # share of rows that are packed BOS-led documents, every token maskable
+    passage_frac: float = 0.0  # share of SFT rows whose context is cut into BOS-led passages
+    passage_min: int = 32  # passage lengths, uniform in [passage_min, passage_max] tokens
+    passage_max: int = 256
+    full_mask_frac: float = 0.0  # share of SFT rows whose whole answer is masked (t = 1); see make_train_batch
     # optimisation
-    steps: int = 4000
+    steps: int = 4000  # the learning-rate schedule's length
+    stop_at: int = 0  # end the run after this many steps (0: at `steps`); the schedule stays that of `steps`
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup: int = 200
@@ -129,8 +137,12 @@ class TrainConfig:
             raise ValueError(f"task weights must be >= 0 and not all 0, got {weights}")
         return tuple(weights.values())
 
+    @property
+    def steps_to_run(self) -> int:
+        return min(self.steps, self.stop_at) if self.stop_at > 0 else self.steps
 
-SMOKE = dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, min_context=32, max_context=96,
+
+SMOKE = dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=128, min_context=32, max_context=96, chunk_size=32,
              answer_length=8, tokens_per_batch=1024, steps=6, warmup=2, eval_n=5, eval_batch=5, eval_steps=2,
              workers=0, log_every=2)
 
@@ -188,16 +200,9 @@ class PromptBuilder:
             raise ValueError(f"answer {answer!r} has {len(ids)} tokens > answer_length={self.answer_length}")
         return ids + [self.tok.eos_id] * (self.answer_length - len(ids))
 
-    def prompt(self, ex) -> list[int]:
-        return self.prefix + list(ex.context_ids) + self.query(ex.question)
-
 
 class StepBatches(torch.utils.data.IterableDataset):
-    """Yields the training batch of every step in order; worker w makes the steps s = w mod W.
-
-    A batch: idx (B, T) left-padded with EOS and with masked answer tokens, pos (B, T),
-    valid (B, T) bool (False on padding), target (B, A), masked (B, A) bool, p_mask (B,).
-    """
+    """Yields the training batch of every step in order; worker w makes the steps s = w mod W."""
 
     def __init__(self, cfg: TrainConfig, tokenizer_json: str):
         self.cfg, self.tokenizer_json = cfg, tokenizer_json
@@ -209,63 +214,63 @@ class StepBatches(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         tok = Tokenizer(HFTokenizer.from_str(self.tokenizer_json))
         builder, enc = PromptBuilder(tok, self.cfg.answer_length), piece_encoder(tok.tk)
-        for step in range(wid, self.cfg.steps, nw):
+        for step in range(wid, self.cfg.steps_to_run, nw):
             yield make_train_batch(self.cfg, step, builder, enc)
 
 
 def make_train_batch(cfg: TrainConfig, step: int, builder: PromptBuilder, enc) -> dict:
+    """The batch of one step: idx (B, T) left-padded with EOS, masked tokens replaced by [MASK];
+    pos (B, T); valid (B, T) False on padding; target (B, T); masked (B, T); p_mask (B,);
+    n_maskable (B,); sft (B,) True for SFT rows (their answer is the last answer_length columns);
+    task (B,) the task of each SFT row (len(tasks) for pretraining rows)."""
     rng = random.Random(f"train:{cfg.seed}:{step}")
+    tok, A = builder.tok, cfg.answer_length
     L = context_length_for_step(cfg, step, rng)
-    overhead = len(builder.prefix) + 32 + cfg.answer_length
+    overhead = len(builder.prefix) + 32 + A
     B = max(1, cfg.tokens_per_batch // (L + overhead))
-    rows, answers, task_ids = [], [], []
     tasks, weights = cfg.task_list, cfg.task_weight_list
+    is_sft = [rng.random() >= cfg.pretrain_frac for _ in range(B)]
+    rows, task_ids = [], []
     for i in range(B):
-        # equal weights draw as before task weights existed, so older runs stay reproducible
-        t_id = rng.randrange(len(tasks)) if len(set(weights)) == 1 else rng.choices(range(len(tasks)), weights)[0]
-        task = tasks[t_id]
+        if not is_sft[i]:
+            continue
+        t_id = rng.choices(range(len(tasks)), weights)[0]
+        ex = make_example(tasks[t_id], L, None, f"train.{cfg.seed}.{step}.{i}", enc,
+                          **task_kwargs(tasks[t_id], rng, L, cfg.needle_spacing, cfg.min_needles))
+        context = list(ex.context_ids)
+        if rng.random() < cfg.passage_frac:
+            context = split_passages(context, rng, tok.bos_id, cfg.passage_min, cfg.passage_max)
+        rows.append(builder.prefix + context + builder.query(ex.question) + builder.answer(ex.answer))
         task_ids.append(t_id)
-        kwargs = task_kwargs(task, rng, L, cfg.needle_spacing, cfg.min_needles)
-        ex = make_example(task, L, None, f"train.{cfg.seed}.{step}.{i}", enc, **kwargs)
-        rows.append(builder.prompt(ex))
-        answers.append(builder.answer(ex.answer))
-    A, P = cfg.answer_length, max(map(len, rows))
-    T = P + A
-    idx = torch.full((B, T), builder.tok.eos_id, dtype=torch.long)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        idx[b, P - len(r): P] = torch.tensor(r)
-        valid[b, : P - len(r)] = False
-    idx[:, P:] = torch.tensor(answers, dtype=torch.long)
+    T = max(map(len, rows)) if rows else overhead + L
+    pretrain_rows = [packed_sequence(T, rng, enc, tok.bos_id) for _ in range(B - len(rows))]
+    idx, valid, pos = left_pad(rows + pretrain_rows, tok.eos_id)
+    sft = torch.tensor([True] * len(rows) + [False] * len(pretrain_rows))
+    task = torch.tensor(task_ids + [len(tasks)] * len(pretrain_rows))
     target = idx.clone()
     g = torch.Generator().manual_seed(rng.getrandbits(63))
     t = torch.rand(B, generator=g)
-    if cfg.full_mask_frac > 0:
-        # With t ~ U(0, 1) most rows show some answer digits, and the model can find the needle by
-        # matching them (copy the number that continues the revealed digits) without reading the
-        # question's key; decoding starts from a fully masked answer, where that shortcut is
-        # useless. Rows with t = 1 train the step that matters: pick the needle by its key.
-        # (Drawn only when asked for, so that runs without it keep their exact data stream.)
-        t = torch.where(torch.rand(B, generator=g) < cfg.full_mask_frac, 1.0, t)
+    # With t ~ U(0, 1) most rows show some answer digits, and the model can find the needle by
+    # matching them (copy the number that continues the revealed digits) without reading the
+    # question's key; decoding starts from a fully masked answer, where that shortcut is useless.
+    # Rows with t = 1 train the step that matters: pick the needle by its key.
+    t = torch.where(sft & (torch.rand(B, generator=g) < cfg.full_mask_frac), 1.0, t)
     p_mask = (1 - MASK_EPS) * t + MASK_EPS
-    # maskable: the answer region (SFT rows), or every real token (pretraining-style rows)
-    maskable = torch.zeros(B, T, dtype=torch.bool)
-    maskable[:, P:] = True
-    pretrain = torch.rand(B, generator=g) < cfg.pretrain_frac
-    maskable |= pretrain[:, None] & valid
-    masked = (torch.rand(B, T, generator=g) < p_mask[:, None]) & maskable
-    idx = torch.where(masked, builder.tok.mask_id, idx)
-    pos = (valid.cumsum(dim=1) - 1).clamp_min(0)
+    maskable = valid & ~sft[:, None]  # pretraining rows: every token
+    maskable[:, -A:] |= sft[:, None]  # SFT rows: the answer region
+    masked = (torch.rand(B, idx.shape[1], generator=g) < p_mask[:, None]) & maskable
+    idx = torch.where(masked, tok.mask_id, idx)
     return {"idx": idx, "pos": pos, "valid": valid, "target": target, "masked": masked, "p_mask": p_mask,
             "n_maskable": maskable.sum(dim=1), "answer_length": torch.tensor(A), "context": torch.tensor(L),
-            "task": torch.tensor(task_ids)}
+            "sft": sft, "task": task}
 
 
 def diffusion_loss(model, batch: dict, n_tasks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LLaDA's loss: per sequence, the cross-entropy of the masked tokens weighted by 1/p, summed
     and divided by the number of maskable tokens (the answer length for SFT rows, the sequence
-    length for pretraining-style rows); the batch mean. Also the accuracy on masked answer tokens,
-    over the batch and per task (hits and counts, (n_tasks, 2)), to see which task is being learnt.
+    length for pretraining rows); the batch mean. Also the accuracy on masked answer tokens of the
+    SFT rows, over the batch and per task (hits and counts, (n_tasks, 2)), to see which task is
+    being learnt.
     """
     idx, pos, valid = batch["idx"], batch["pos"], batch["valid"]
     target, masked, p_mask = batch["target"], batch["masked"], batch["p_mask"]
@@ -277,10 +282,10 @@ def diffusion_loss(model, batch: dict, n_tasks: int = 1) -> tuple[torch.Tensor, 
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view_as(tgt)
     loss = ((ce * msk) / p_mask[:, None]).sum(dim=1) / batch["n_maskable"]
     with torch.no_grad():
-        ans = msk[:, -A:]
+        ans = msk[:, -A:] & batch["sft"][:, None]
         row_hits = ((logits[:, -A:].argmax(-1) == tgt[:, -A:]) & ans).sum(dim=1)  # (B,)
         hit = row_hits.sum() / ans.sum().clamp_min(1)
-        task = batch["task"] if n_tasks > 1 else torch.zeros_like(row_hits)
+        task = batch["task"].clamp_max(n_tasks - 1) if n_tasks > 1 else torch.zeros_like(row_hits)
         per_task = torch.zeros(n_tasks, 2, device=row_hits.device)
         per_task.index_add_(0, task, torch.stack([row_hits, ans.sum(dim=1)], dim=1).float())
     return loss.mean(), hit, per_task
@@ -293,13 +298,31 @@ def init_for_training(model: Transformer, embedding_std: float):
     Why not 0.02 everywhere (LLaDA's init): with tiny embeddings a small model did not learn to
     find a value by its key. On multi-query associative recall (benchmarks/probe_mqar_init.py: 4
     pairs, 4 layers, d 128) pdllm's model stayed at 0.33-0.47 exact through 5000 steps with
-    embeddings N(0, 0.02) and reached 0.98 with N(0, 1); the toy models trained with 0.02 copy
-    digits after a needle but never pick the needle by its key (benchmarks/results/README.md).
-
-    The constructor has drawn N(0, 0.02) already; only another std re-draws the embeddings, so that
-    ``--embedding-std 0.02`` reproduces the models trained before this option existed."""
+    embeddings N(0, 0.02) and reached 0.98 with N(0, 1)."""
     if embedding_std != Transformer.INIT_STD:
         torch.nn.init.normal_(model.tok_emb.weight, 0.0, embedding_std)
+
+
+@torch.no_grad()
+def grow_layers(state: dict, old_layers: int, new_layers: int) -> dict:
+    """A checkpoint's weights for a model ``new_layers // old_layers`` times as deep: old layer i
+    becomes layers r*i .. r*i + r - 1, the first an exact copy, the others copies whose residual
+    outputs (attention output and MLP down projections) are zero. A block with a zero output adds
+    nothing to the residual stream, so the grown model computes what the checkpoint did and
+    training starts from a model that already does the tasks (function-preserving growth, as in
+    Net2Net); the copies start from weights that already attend somewhere useful."""
+    if new_layers % old_layers:
+        raise ValueError(f"n_layers={new_layers} must be a multiple of the checkpoint's {old_layers} layers to grow it")
+    r, out = new_layers // old_layers, {}
+    for key, value in state.items():
+        if not key.startswith("blocks."):
+            out[key] = value
+            continue
+        _, i, rest = key.split(".", 2)
+        for j in range(r):
+            silent = j > 0 and rest in ("attn.o.weight", "mlp.down.weight")
+            out[f"blocks.{int(i) * r + j}.{rest}"] = torch.zeros_like(value) if silent else value.clone()
+    return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -317,9 +340,10 @@ EVAL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @torch.no_grad()
-def evaluate(model, tok: Tokenizer, cfg: TrainConfig, lengths, device) -> dict:
+def evaluate(model, tok: Tokenizer, cfg: TrainConfig, lengths) -> dict:
     """Exact-match accuracy per task and length (and per depth), vanilla dense decoding."""
-    from pdllm.sampler import GenerationConfig, generate
+    from pdllm.eval.harness import run_examples
+    from pdllm.sampler import GenerationConfig
 
     gen = GenerationConfig(gen_length=cfg.answer_length, block_length=cfg.answer_length,
                            steps=cfg.eval_steps or cfg.answer_length, temperature=0.0, remasking="low_confidence")
@@ -330,13 +354,7 @@ def evaluate(model, tok: Tokenizer, cfg: TrainConfig, lengths, device) -> dict:
         for L in lengths:
             grid = make_grid(task, [L], EVAL_DEPTHS, per_cell, seed=f"heldout-{cfg.seed}", tokenizer=tok.tk)
             exs = [e for cell in grid.values() for e in cell]
-            correct: list[bool] = []
-            for i in range(0, len(exs), cfg.eval_batch):
-                part = exs[i: i + cfg.eval_batch]
-                prompts = [tok.long_context_prompt(e.context, e.question) for e in part]
-                out = generate(model, prompts, gen, method="vanilla", pad_id=tok.eos_id)
-                for e, ids in zip(part, out.tokens.tolist()):
-                    correct.append(tok.decode(ids).strip() == e.answer)
+            correct = [r["correct"] for r in run_examples(model, tok, exs, gen, "vanilla", cfg.eval_batch)]
             by_depth = {str(d): sum(c for c, e in zip(correct, exs) if e.depth == d) / per_cell for d in EVAL_DEPTHS}
             results["tasks"].setdefault(task, {})[str(L)] = {
                 "accuracy": sum(correct) / len(correct), "n": len(correct), "by_depth": by_depth}
@@ -347,6 +365,17 @@ def evaluate(model, tok: Tokenizer, cfg: TrainConfig, lengths, device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Model card
 # ---------------------------------------------------------------------------------------------
+
+
+def _recipe_table(recipe: dict | None) -> str:
+    if not recipe:
+        return ""
+    rows = [f"| {i + 1} | `{st['name']}` | {st.get('what', '')} | "
+            f"{st.get('stop_at') or st.get('steps')} | {st.get('ran_here', '')} |"
+            for i, st in enumerate(recipe["stages"])]
+    return ("The model is built by its recipe, `" + recipe["path"] + "`, stage after stage, each stage one run of "
+            "this trainer initialised from the weights of the stage before (a fresh optimizer):\n\n"
+            "| stage | name | what | steps | |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
 
 
 def write_model_card(out: Path, cfg: TrainConfig, mcfg: ModelConfig, info: dict, results: dict):
@@ -360,13 +389,16 @@ def write_model_card(out: Path, cfg: TrainConfig, mcfg: ModelConfig, info: dict,
     for task, by_len in results["tasks"].items():
         r = by_len[lengths[-1]]["by_depth"]
         depth_rows.append(f"| {task} | " + " | ".join(f"{r[str(d)]:.2f}" for d in EVAL_DEPTHS) + " |")
+    recipe = info.get("recipe")
+    grown = info.get("grown_from_layers")
     card = f"""# pdllm toy LLaDA-format model
 
 A small masked-diffusion language model in the **LLaDA checkpoint format** (config.json with
 LLaDA/OLMo names, model.safetensors with HF LLaDA keys, tokenizer.json with LLaDA's special
 tokens), trained from scratch by `pdllm.train_toy` on synthetic long-context retrieval. It is
-**not** LLaDA-8B and knows no language beyond its synthetic tasks: it exists so that pdllm can
-measure what sparse prefill (Prefilling-dLLM) does to answers without downloading real weights.
+**not** LLaDA-8B and knows no language beyond its synthetic tasks: it stands in for a pretrained
+dLLM so that pdllm can measure what sparse prefill (Prefilling-dLLM) does to answers without
+downloading real weights. This card is written by the trainer.
 
 ## Model
 | | |
@@ -378,6 +410,7 @@ measure what sparse prefill (Prefilling-dLLM) does to answers without downloadin
 | parameters | {n_params / 1e6:.2f} M |
 | file | model.safetensors, bf16, {size_mb:.1f} MB |
 | trained sequence length | {mcfg.max_positions} positions (contexts up to {cfg.max_context} tokens = {cfg.max_context // cfg.chunk_size} chunks of {cfg.chunk_size}) |
+| Prefilling-dLLM chunk size | {cfg.chunk_size} |
 
 ## Data
 Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded); tasks
@@ -387,20 +420,35 @@ Generated on the fly by `pdllm.data.synthetic` from the seed (nothing downloaded
   (at most one per {cfg.needle_spacing} context tokens) plus 0-3 distractors whose key shares a word with the asked key.
 - `kv_lookup`: lines "<key>: <value>" (word-pair keys, or 25% uuid-like keys), 5-7 digit values.
 
-Prompt: the LLaDA chat template of `pdllm.tokenizer` (`long_context_prompt`: instruction, plain
-context without per-chunk BOS, question), then an answer region of {cfg.answer_length} tokens (the
-answer's digits, then `<|endoftext|>` padding). Context length curriculum from {cfg.min_context} to
-{cfg.max_context} tokens over the first {cfg.curriculum_frac:.0%} of training ({cfg.long_frac:.0%} of batches at the
-current longest length, the rest uniform below it); {cfg.tokens_per_batch} tokens per batch.
+Rows of this stage's batches ({cfg.tokens_per_batch} tokens per batch; context length curriculum
+from {cfg.min_context} to {cfg.max_context} tokens over the first {cfg.curriculum_frac:.0%} of training, {cfg.long_frac:.0%} of batches at the
+current longest length, the rest uniform below it):
+- **SFT rows** ({1 - cfg.pretrain_frac:.0%}): the LLaDA chat template of `pdllm.tokenizer` (`long_context_prompt`:
+  instruction, context, question), then an answer region of {cfg.answer_length} tokens (the answer's
+  digits, then `<|endoftext|>` padding); only the answer is ever masked.
+- **passage rows** ({cfg.passage_frac:.0%} of the SFT rows): the context cut into passages of
+  {cfg.passage_min}-{cfg.passage_max} tokens at any token, each led by BOS, as a retrieval-augmented
+  prompt hands a model its documents.
+- **pretraining rows** ({cfg.pretrain_frac:.0%}): documents (prose, lists, written-out task records with
+  their question and answer) of 32-512 tokens, each led by BOS, packed into one sequence; every
+  token maskable.
+
+Why: a model pretrained on packed corpora has seen a BOS in the middle of a sequence at every
+document boundary, and has learnt to read on past it; that is what makes Prefilling-dLLM's BOS
+anchor in front of every chunk harmless to LLaDA and useful as an attention sink. A toy model
+trained only on one plain context per row has never seen one, and an anchor then breaks its
+reading (the earlier 4-layer model: top-4 of 16 at 1024 tokens 0.794 with anchors, 0.839
+without). Packed rows put the BOS in distribution for the reason real models have it; passage
+rows are the instruction-tuning counterpart (contexts that arrive as several documents).
 
 ## Training
-LLaDA SFT objective (prompt never masked; t ~ U(0,1) per sequence; answer tokens masked with
-probability t; cross-entropy on masked tokens weighted by 1/t, per sequence over the answer
-length, batch mean){f"; {cfg.pretrain_frac:.0%} of sequences noised pretraining-style instead (every token maskable, divided by the sequence length)" if cfg.pretrain_frac > 0 else ""}{f"; {cfg.full_mask_frac:.0%} of SFT sequences with the whole answer masked (t = 1)" if cfg.full_mask_frac > 0 else ""}. AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr},
-{cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio:g} x, gradient clip {cfg.grad_clip},
-bf16 autocast on CUDA.
+LLaDA objective (t ~ U(0,1) per sequence; maskable tokens masked with probability t;
+cross-entropy on masked tokens weighted by 1/t, per sequence over the maskable length, batch
+mean){f"; {cfg.full_mask_frac:.0%} of SFT rows with the whole answer masked (t = 1): with t ~ U(0,1) most rows show some digits of the answer, and a model learns to copy the number that continues them instead of finding the needle by its key, which is what decoding from a fully masked answer needs" if cfg.full_mask_frac > 0 else ""}.
+AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr}, {cfg.warmup} warm-up steps, cosine to
+{cfg.min_lr_ratio:g} x over {cfg.steps} steps, gradient clip {cfg.grad_clip}, bf16 autocast on CUDA.
 
-{f"- initialised from the weights of `{Path(info['init_from']).name}` (a fresh optimizer); the steps below are this run's" + chr(10) if info.get('init_from') else ""}- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps} planned: time limit)" if info['steps_done'] < cfg.steps else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
+{_recipe_table(recipe)}{f"- initialised from the weights of `{Path(info['init_from']).name}` (a fresh optimizer); the steps below are this run's" + chr(10) if info.get('init_from') else ""}{f"- grown from {grown} to {mcfg.n_layers} layers (`grow_layers`: each layer followed by copies of itself whose output projections are zero, so training starts from the checkpoint's function)" + chr(10) if grown else ""}- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps_to_run} planned: time limit)" if info['steps_done'] < cfg.steps_to_run else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
 - final training loss (last 10% of steps): {info['final_loss']:.4f}; accuracy on masked answer tokens {info['final_masked_acc']:.3f}
 - wall time: {info['train_seconds'] / 60:.1f} min training, {info['total_seconds'] / 60:.1f} min in all, on {info['device_name']}
 - torch {torch.__version__}, Python {platform.python_version()}
@@ -422,6 +470,10 @@ By depth at L={lengths[-1]}:
 |---|{'---|' * len(EVAL_DEPTHS)}
 {chr(10).join(depth_rows)}
 
+With Prefilling-dLLM (recall of the needle's chunk, the depth x length grid to 4x the trained
+length, ablations): `pdllm eval --model DIR` (the embedded model's results:
+`benchmarks/results/toy_eval.json`).
+
 ## Use
 ```python
 from pdllm.model import from_pretrained
@@ -429,13 +481,76 @@ from pdllm.tokenizer import Tokenizer
 from pdllm.sampler import GenerationConfig, generate
 model, tok = from_pretrained("{out.name}"), Tokenizer.from_dir("{out.name}")
 prompt = tok.long_context_prompt(context, "What is the pass key?")
-out = generate(model, [prompt], GenerationConfig(gen_length={cfg.answer_length}, block_length={cfg.answer_length}, steps={cfg.answer_length}))
+out = generate(model, [prompt], GenerationConfig(gen_length={cfg.answer_length}, block_length={cfg.answer_length}, steps={cfg.answer_length}),
+               method="prefill", chunk_size={cfg.chunk_size}, top_k=4)
 print(tok.decode(out.tokens[0]))
 ```
-Special tokens have LLaDA's strings at small ids (look them up by string). Chunk the context in
-{cfg.chunk_size}-token chunks for Prefilling-dLLM; the model never saw per-chunk BOS tokens.
+Special tokens have LLaDA's strings at small ids (look them up by string).
 """
     (out / "README.md").write_text(card)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: a file of stages, each one run of this trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: Path) -> list[dict]:
+    """The ``STAGES`` of a recipe file: a Python file (as nanoGPT's config/*.py) that assigns
+    ``STAGES = [dict(name=..., what=..., <TrainConfig field>=..., ...), ...]``."""
+    if not path.is_file():
+        raise SystemExit(f"error: --recipe {path} does not exist; pass the recipe file (the embedded model's is "
+                         "src/pdllm/assets/toy/recipe.py)")
+    scope: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), scope)  # a recipe is code the user pointed at
+    stages = scope.get("STAGES")
+    fields = set(TrainConfig.__dataclass_fields__)
+    if not isinstance(stages, list) or not stages:
+        raise SystemExit(f"error: {path} defines no STAGES list")
+    for st in stages:
+        unknown = set(st) - fields - {"name", "what"}
+        if "name" not in st or unknown:
+            raise SystemExit(f"error: {path}: stage {st.get('name')!r} has no name or unknown keys {sorted(unknown)}")
+    return stages
+
+
+def stage_argv(stage: dict) -> list[str]:
+    argv = []
+    for k, v in stage.items():
+        if k in ("name", "what"):
+            continue
+        argv += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)]
+    return argv
+
+
+def run_recipe(args) -> int:
+    """Run the recipe's stages from ``--from-stage`` on, each initialised from the one before
+    (the first from ``--init-from`` when given); the last stage writes ``--out`` itself."""
+    path = Path(args.recipe)
+    stages = load_recipe(path)
+    names = [st["name"] for st in stages]
+    if args.from_stage and args.from_stage not in names:
+        raise SystemExit(f"error: --from-stage {args.from_stage!r} is not a stage of {path}; stages: {names}")
+    first = names.index(args.from_stage) if args.from_stage else 0
+    if first > 0 and not args.init_from:
+        raise SystemExit(f"error: --from-stage {args.from_stage} needs --init-from DIR, the output of stage "
+                         f"{names[first - 1]!r}")
+    out = Path(args.out)
+    init = args.init_from
+    shown = [dict(st, ran_here="this run" if i >= first else f"from `{Path(args.init_from).name}`")
+             for i, st in enumerate(stages)]
+    recipe_info = {"path": path.name, "stages": [{k: v for k, v in st.items() if k in
+                                                  ("name", "what", "steps", "stop_at", "ran_here")} for st in shown]}
+    for i in range(first, len(stages)):
+        target = out if i == len(stages) - 1 else out / "stages" / names[i]
+        argv = ["--out", str(target)] + stage_argv(stages[i])
+        argv += ["--init-from", str(init)] if init else []
+        argv += ["--device", args.device] if args.device else []
+        print(f"===== recipe {path.name}: stage {i + 1}/{len(stages)} {names[i]} =====", flush=True)
+        train(argv, recipe=recipe_info if i == len(stages) - 1 else None)
+        init = target
+    shutil.copy(path, out / "recipe.py")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,11 +562,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     ap = argparse.ArgumentParser(prog="pdllm train-toy", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    ap.add_argument("--recipe", default=None, metavar="FILE", help="run the stages of this recipe file")
+    ap.add_argument("--from-stage", default=None, metavar="NAME",
+                    help="with --recipe: start at this stage (--init-from is then the stage before's output)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few CPU steps (tests)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; smoke: cpu)")
     ap.add_argument("--init-from", default=None, metavar="DIR",
-                    help="start from this toy checkpoint's weights (its sizes; a fresh optimizer): "
-                         "to train longer than one run allows, in several runs")
+                    help="start from this toy checkpoint's weights (its sizes, or a multiple of its layers: "
+                         "see grow_layers; a fresh optimizer)")
     fields = TrainConfig.__dataclass_fields__
     for name, f in fields.items():
         if name == "eval_lengths":
@@ -461,8 +579,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=None,
                         help=f"default {f.default} (smoke: {SMOKE.get(name, f.default)})")
     args = ap.parse_args(argv)
+    if args.recipe:
+        return args, None
     values = {**(SMOKE if args.smoke else {})}
     values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    args.grow_from = None
     if args.init_from:  # the model's sizes come from the checkpoint; a flag may only repeat them
         from pdllm.model import load_config
 
@@ -474,15 +595,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
                  "mlp_hidden": ckpt.mlp_hidden, "rope_theta": ckpt.rope_theta}
         for name, value in sizes.items():
             given = getattr(args, name)
+            if name == "n_layers" and given is not None and given != value and given % value == 0:
+                args.grow_from = value  # deeper by a whole multiple: grown (see grow_layers)
+                continue
             if given is not None and given != value:
+                hint = f" or a multiple of {value} to grow it" if name == "n_layers" else ""
                 ap.error(f"--{name.replace('_', '-')} {given} does not match the checkpoint in --init-from "
-                         f"({value}); drop the flag or pass {value}")
+                         f"({value}); drop the flag or pass {value}{hint}")
             values[name] = value
     cfg = TrainConfig(**values)
     if cfg.needle_spacing < 1 or not 1 <= cfg.min_needles <= 6:
         ap.error("need needle_spacing >= 1 and 1 <= min_needles <= 6")
     if not (0 < cfg.curriculum_frac <= 1 and 0 <= cfg.long_frac <= 1):
         ap.error("need 0 < curriculum_frac <= 1 and 0 <= long_frac <= 1")
+    if not (0 <= cfg.pretrain_frac < 1 and 0 <= cfg.passage_frac <= 1 and 1 <= cfg.passage_min <= cfg.passage_max):
+        ap.error("need 0 <= pretrain_frac < 1, 0 <= passage_frac <= 1 and 1 <= passage_min <= passage_max")
     if cfg.max_context < cfg.min_context or cfg.min_context < 16:
         ap.error("need 16 <= min_context <= max_context")
     if cfg.d_model % cfg.n_heads:
@@ -495,6 +622,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def main(argv=None) -> int:
+    args, _ = parse_args(argv)
+    if args.recipe:
+        return run_recipe(args)
+    return train(argv)
+
+
+def train(argv, recipe: dict | None = None) -> int:
     args, cfg = parse_args(argv)
     t_start = time.time()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -511,7 +645,8 @@ def main(argv=None) -> int:
     longest_query = max(len(builder.query(q)) for q in (
         "What is the pass key?", "What is the special magic number for wandering-meadowlark-meadowlark?",
         "What is the value of the key wandering-meadowlark-meadowlark?", "What is the value of the key ffffffff-ffff?"))
-    max_seq = len(builder.prefix) + cfg.max_context + 24 + longest_query + cfg.answer_length
+    passage_bos = -(-cfg.max_context // cfg.passage_min) if cfg.passage_frac > 0 else 0
+    max_seq = len(builder.prefix) + cfg.max_context + passage_bos + 24 + longest_query + cfg.answer_length
     mcfg = ModelConfig(arch="llada", vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
                        n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, mlp_hidden=cfg.mlp_hidden,
                        rope_theta=cfg.rope_theta, max_positions=64 * math.ceil(max_seq / 64),
@@ -523,8 +658,12 @@ def main(argv=None) -> int:
         init = from_pretrained(args.init_from, dtype=torch.float32)
         if init.cfg.vocab_size != mcfg.vocab_size or Tokenizer.from_dir(args.init_from).tk.to_str() != tok.tk.to_str():
             raise SystemExit(f"--init-from {args.init_from}: its tokenizer is not the toy tokenizer this trainer builds")
-        model.load_state_dict(init.state_dict())
-        print(f"initialised from {args.init_from}", flush=True)
+        state = init.state_dict()
+        if args.grow_from:
+            state = grow_layers(state, args.grow_from, mcfg.n_layers)
+        model.load_state_dict(state)
+        print(f"initialised from {args.init_from}" + (f", grown from {args.grow_from} layers" if args.grow_from else ""),
+              flush=True)
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: d={mcfg.d_model} layers={mcfg.n_layers} heads={mcfg.n_heads} mlp={mcfg.mlp_hidden} "
@@ -541,7 +680,7 @@ def main(argv=None) -> int:
         StepBatches(cfg, tok.tk.to_str()), batch_size=None, num_workers=workers, pin_memory=cuda,
         **({"prefetch_factor": 4, "persistent_workers": False} if workers else {}))
 
-    log, tokens_seen = [], 0
+    log, tokens_seen, n_steps = [], 0, cfg.steps_to_run
     run_loss, run_acc, run_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
     run_task = torch.zeros(len(cfg.task_list), 2, device=device)  # masked answer hits, counts per task
     t_train = time.time()
@@ -562,23 +701,23 @@ def main(argv=None) -> int:
         run_acc += acc
         run_task += per_task
         run_n += 1
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:  # means since the last line
+        if (step + 1) % cfg.log_every == 0 or step == n_steps - 1:  # means since the last line
             lv, av = run_loss.item() / run_n, run_acc.item() / run_n
             task_acc = {t: round(h / max(n, 1), 4) for t, (h, n) in zip(cfg.task_list, run_task.tolist())}
             run_loss.zero_(), run_acc.zero_(), run_task.zero_()
             run_n = 0
             el = time.time() - t_train
-            eta = el / (step + 1) * (cfg.steps - step - 1)
+            eta = el / (step + 1) * (n_steps - step - 1)
             rec = {"step": step, "loss": lv, "masked_acc": av, "lr": lr_at(cfg, step), "grad_norm": float(gnorm),
                    "context": int(batch["context"]), "batch": batch["idx"].shape[0], "elapsed_s": el,
                    "masked_acc_by_task": task_acc}
             log.append(rec)
-            print(f"step {step:5d}/{cfg.steps}  L={rec['context']:5d} B={rec['batch']:4d}  loss {lv:.4f}  "
+            print(f"step {step:5d}/{n_steps}  L={rec['context']:5d} B={rec['batch']:4d}  loss {lv:.4f}  "
                   f"masked acc {av:.3f} ({' '.join(f'{a:.2f}' for a in task_acc.values())})  lr {rec['lr']:.2e}  |g| {rec['grad_norm']:.2f}  "
                   f"{tokens_seen / max(el, 1e-9) / 1e3:.0f}K tok/s  eta {eta / 60:.1f} min", flush=True)
-        if step < cfg.steps - 1 and time.time() - t_train > 60 * cfg.max_train_minutes:
+        if step < n_steps - 1 and time.time() - t_train > 60 * cfg.max_train_minutes:
             stopped_at = step + 1
-            print(f"WARNING: stopping after {stopped_at} of {cfg.steps} steps: past --max-train-minutes "
+            print(f"WARNING: stopping after {stopped_at} of {n_steps} steps: past --max-train-minutes "
                   f"{cfg.max_train_minutes} (the learning rate did not finish its decay)", flush=True)
             break
     del loader
@@ -594,16 +733,16 @@ def main(argv=None) -> int:
     eval_dtype = torch.bfloat16 if cuda else torch.float32
     loaded = from_pretrained(out, dtype=eval_dtype, device=device)
     lengths = cfg.eval_lengths or (cfg.max_context,)
-    results = evaluate(loaded, Tokenizer.from_dir(out), cfg, lengths, device)
+    results = evaluate(loaded, Tokenizer.from_dir(out), cfg, lengths)
 
-    done = stopped_at or cfg.steps
+    done = stopped_at or n_steps
     tail = [r for r in log if r["step"] >= 0.9 * done - 1] or log[-1:]
     info = {"n_params": n_params, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-            "steps_done": stopped_at or cfg.steps,
-            "total_seconds": time.time() - t_start, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "steps_done": done, "total_seconds": time.time() - t_start,
+            "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "final_masked_acc": sum(r["masked_acc"] for r in tail) / len(tail),
             "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'cpu'})",
-            "init_from": args.init_from,
+            "init_from": args.init_from, "grown_from_layers": args.grow_from, "recipe": recipe,
             "command": "python -m pdllm.train_toy " + " ".join(shlex.quote(a) for a in
                                                                (sys.argv[1:] if argv is None else argv))}
     (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "model": asdict(mcfg), "info": info,

@@ -229,6 +229,7 @@ class LongContextExample:
     answer: str
     needle_depths: list[float]  # measured; [0] is the needle that holds the answer
     context_tokens: int  # exact with a tokenizer, else an estimate
+    needle_span: tuple[int, int] = (0, 0)  # [start, end) token offsets of the answer needle in the context
     target_tokens: int = 0
     depth: float = 0.0  # requested depth of the answer needle
     key: str | None = None  # the asked key (multikey_needle, kv_lookup)
@@ -249,12 +250,12 @@ def _assemble(
     target_tokens: int,
     rng: random.Random,
     sep: Callable[[random.Random], str],
-) -> tuple[str, list[int] | None, int, list[float]]:
+) -> tuple[str, list[int] | None, int, list[float], tuple[int, int]]:
     """Fill ``target_tokens`` with filler pieces and place each needle at its depth.
 
     Every piece carries a leading separator; the context's first piece loses it, so a needle at
     depth 0 opens the context. Returns (text, ids or None, token count, measured depth of each
-    needle).
+    needle, token span of the answer needle).
     """
     needle_pieces = [sep(rng) + n.text for n in needles]
     budget = target_tokens - sum(enc.count(p) for p in needle_pieces)
@@ -304,7 +305,8 @@ def _assemble(
         j = needle_at[i]
         rest = n_tok - counts[j]
         depths.append(starts[j] / rest if rest > 0 else 0.0)
-    return text, ids, n_tok, depths
+    span = (starts[needle_at[0]], starts[needle_at[0] + 1])
+    return text, ids, n_tok, depths, span
 
 
 def _prose_sep(rng: random.Random) -> str:
@@ -346,10 +348,10 @@ QUESTIONS = {
 
 def _make_passkey(rng, enc, target, depth, *, passkey_digits: int = 5, pool_seed: int = 0, **_):
     answer = _digits(rng, passkey_digits)
-    text, ids, n, depths = _assemble(
+    text, ids, n, depths, span = _assemble(
         enc, _pool_filler(rng, haystack_pool(pool_seed)), [_Needle(passkey_needle(answer), depth)], target, rng, _prose_sep
     )
-    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, answer=answer,
+    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, needle_span=span, answer=answer,
                 question=QUESTIONS["passkey"], key=None)
 
 
@@ -382,10 +384,10 @@ def _make_multikey(rng, enc, target, depth, *, num_needles: int = 4, num_distrac
             values.append(v)
     needles = [_Needle(magic_needle(keys[0], values[0]), depth)]
     needles += [_Needle(magic_needle(k, v), rng.random()) for k, v in zip(keys[1:], values[1:])]
-    text, ids, n, depths = _assemble(
+    text, ids, n, depths, span = _assemble(
         enc, _pool_filler(rng, haystack_pool(pool_seed)), needles, target, rng, _prose_sep
     )
-    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, answer=values[0],
+    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, needle_span=span, answer=values[0],
                 question=QUESTIONS["multikey_needle"].format(key=key), key=key)
 
 
@@ -411,10 +413,10 @@ def _make_kv(rng, enc, target, depth, *, key_style: str = "words", value_digits:
             yield f"{k}: {_digits(rng, value_digits)}"
 
     answer = _digits(rng, value_digits)
-    text, ids, n, depths = _assemble(
+    text, ids, n, depths, span = _assemble(
         enc, filler(), [_Needle(f"{key}: {answer}", depth)], target, rng, lambda r: "\n"
     )
-    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, answer=answer,
+    return dict(context=text, context_ids=ids, context_tokens=n, needle_depths=depths, needle_span=span, answer=answer,
                 question=QUESTIONS["kv_lookup"].format(key=key), key=key)
 
 
@@ -465,6 +467,70 @@ def make_grid(task: str, lengths: Sequence[int], depths: Sequence[float], n_per_
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Pretraining-like text: documents packed into one sequence, each led by BOS
+# ---------------------------------------------------------------------------------------------
+
+DOCUMENT_KINDS = ("prose", "list", "record")
+
+
+def document_ids(kind: str, tokens: int, rng: random.Random, tokenizer) -> list[int]:
+    """One document of about ``tokens`` tokens (ids, no BOS), of one of DOCUMENT_KINDS:
+
+    * ``prose``: haystack paragraphs;
+    * ``list``: lines "<key>: <value>" or "- <a thing>", as in inventories and tables;
+    * ``record``: one example of the retrieval tasks written out as text, its question and answer
+      after it ("Question: ...\nAnswer: 48213"), as QA pairs sit in a web corpus.
+    """
+    enc = piece_encoder(tokenizer)
+    if kind == "record":
+        task = TASKS[rng.randrange(len(TASKS))]
+        ex = make_example(task, max(16, tokens - 24), None, rng.getrandbits(48), enc)
+        return list(ex.context_ids) + enc.encode(f"\nQuestion: {ex.question}\nAnswer: {ex.answer}")
+    if kind == "prose":
+        pool = haystack_pool()
+        piece, sep = lambda: pool[rng.randrange(len(pool))], _prose_sep
+    elif kind == "list":
+        if rng.random() < 0.5:
+            piece = lambda: f"{_word_key(rng)}: {_digits(rng, rng.choice((3, 4, 5, 6)))}"  # noqa: E731
+        else:
+            piece = lambda: f"- {_a(rng, _ADJECTIVES)} {_a(rng, _THINGS)}"  # noqa: E731
+        sep = lambda r: "\n"  # noqa: E731
+    else:
+        raise ValueError(f"unknown document kind {kind!r}; choose from {DOCUMENT_KINDS}")
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += enc.encode((sep(rng) if ids else "") + piece())
+    return ids
+
+
+def packed_sequence(length: int, rng: random.Random, tokenizer, bos_id: int, min_doc: int = 32,
+                    max_doc: int = 512) -> list[int]:
+    """Exactly ``length`` ids: documents of random kind and length (``min_doc``..``max_doc``
+    tokens), each led by ``bos_id``, packed one after another; the last one is cut where the
+    sequence ends. This is how pretraining corpora are fed to LLaDA-style models, and why a BOS
+    in the middle of a sequence is something such a model has seen."""
+    out: list[int] = []
+    while len(out) < length:
+        n = rng.randint(min_doc, max(min_doc, max_doc))
+        out += [bos_id] + document_ids(DOCUMENT_KINDS[rng.randrange(len(DOCUMENT_KINDS))], n, rng, tokenizer)
+    return out[:length]
+
+
+def split_passages(ids: Sequence[int], rng: random.Random, bos_id: int, min_len: int = 32,
+                   max_len: int = 256) -> list[int]:
+    """A context cut into passages of random length (``min_len``..``max_len`` tokens, cut at any
+    token), each led by ``bos_id``: a retrieval-augmented prompt, where a document reaches the
+    model as fixed-size passages with a separator each. A needle may be cut in two."""
+    out: list[int] = []
+    i = 0
+    while i < len(ids):
+        n = rng.randint(min_len, max_len)
+        out += [bos_id] + list(ids[i : i + n])
+        i += n
+    return out
+
+
 def corpus(seed: int = 0, n_sentences: int = 6000) -> Iterator[str]:
     """Text for training a tokenizer: haystack prose, all three needle kinds, questions.
 
@@ -493,5 +559,6 @@ def corpus(seed: int = 0, n_sentences: int = 6000) -> Iterator[str]:
 __all__ = [
     "TASKS", "QUESTIONS", "LongContextExample", "PieceEncoder", "piece_encoder", "haystack_pool",
     "haystack_sentence", "make_example", "make_examples", "make_grid", "corpus", "passkey_needle",
-    "magic_needle", "KEY_ADJECTIVES", "KEY_NOUNS",
+    "magic_needle", "KEY_ADJECTIVES", "KEY_NOUNS", "DOCUMENT_KINDS", "document_ids", "packed_sequence",
+    "split_passages",
 ]
