@@ -1,12 +1,19 @@
-"""``pdllm eval``: what sparse prefill does to answers.
+"""``pdllm eval``: what sparse prefill does to answers, and why an answer is lost.
 
-* the grid: accuracy of each method over needle depth x context length, per synthetic task;
-* ablations of Prefilling-dLLM at the longest length: BOS anchors, K, chunk size, token capacity,
-  scoring mode, cache build mode, position mode — each one knob away from the default;
+* the grid: exact match of each method over needle depth x context length (from below to well
+  beyond the trained length), per synthetic task, every method on the same examples; for
+  ``prefill`` also the scorer's recall@K (are the chunks that hold the needle among the K kept?),
+  so that each miss is put down to the selection (needle not kept) or to the model (kept, answered
+  wrong);
+* a summary: per task and length 95% intervals, paired differences (prefill - dense, BOS anchors
+  - none), the depth curve, and the toy model's goals each with its measured figure;
+* ablations of Prefilling-dLLM at the trained length: K, chunk size, scoring depth, scoring
+  mode, token capacity, cache build mode, position mode, each one knob away from the defaults;
 * LongBench / InfiniteBench files from a local directory, scored with their own metrics.
 
-Results are JSON (every setting next to its numbers) plus matplotlib plots: a depth x length
-heatmap per method and task, and accuracy against K.
+Results are JSON (every setting next to its numbers, per-example outcomes as bit strings) plus
+plots: depth x length heatmaps, accuracy and recall@K against length with and without BOS
+anchors, the depth curve, the ablations.
 
     pdllm eval --out runs/eval                      # grid + ablations on the embedded model
     pdllm eval --model DIR --longbench ~/LongBench/data --tasks hotpotqa --limit 50
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,73 +33,260 @@ from tqdm import tqdm
 
 from pdllm.sampler import GenerationConfig, generate
 
-DEFAULT_PREFILL = dict(chunk_size=64, top_k=4)  # the toy model's chunk size: 16 chunks at 1024 tokens
-ABLATIONS = {  # name -> list of (label, prefill overrides)
+DEFAULT_PREFILL = dict(chunk_size=128, top_k=4, score_batch=64)  # the toy model's chunk size (see its card)
+GRID_METHODS = {  # grid label -> (sampler method, knobs over the prefill defaults)
+    "prefill_no_bos": ("prefill", dict(chunk_bos=False)),
+}
+ABLATIONS = {  # name -> list of (label, prefill overrides), each one knob away from the defaults
     "chunk_bos": [("bos", dict(chunk_bos=True)), ("no_bos", dict(chunk_bos=False))],
     "top_k": [(f"k={k}", dict(top_k=k)) for k in (1, 2, 4, 8, 16)],
-    # Two knobs: K without BOS anchors. With every chunk kept and no anchors, prefill is the dense
-    # model again (continuous positions then have no gaps), so k=16 here should match the dense line.
-    "top_k_no_bos": [(f"k={k}", dict(top_k=k, chunk_bos=False)) for k in (1, 2, 4, 8, 16)],
-    "chunk_size": [(f"chunk={c}", dict(chunk_size=c, top_k=max(1, 256 // c))) for c in (32, 64, 128)],
-    "token_capacity": [(f"cap={c}", dict(token_capacity=c)) for c in (None, 48, 32, 16)],
+    # the same 512 tokens of context kept in chunks of each size
+    "chunk_size": [(f"chunk={c}", dict(chunk_size=c, top_k=max(1, 512 // c))) for c in (64, 128, 256)],
+    # layers the scoring forward runs (it reads the last score_layers of them): the scoring pass's cost
+    "score_depth": [(f"depth={d}", dict(score_depth=d, score_layers=min(4, d))) for d in (2, 4, 6)]
+    + [("depth=all", dict(score_depth=None))],
     "score": [("attention", dict(score="attention")), ("draft", dict(score="draft"))],
+    "token_capacity": [(f"cap={c}", dict(token_capacity=c)) for c in (None, 96, 64, 32)],
     "cache_mode": [("full_prompt_mask", dict(cache_mode="full_prompt_mask")), ("chunk_query", dict(cache_mode="chunk_query"))],
     "positions": [(p, dict(positions=p)) for p in ("continuous", "reuse", "absolute")],
 }
+DEFAULT_ABLATIONS = ("top_k", "chunk_size", "score_depth", "cache_mode", "positions")
 
 
-def answer_batch(model, tok, prompts, gen: GenerationConfig, method: str, **kwargs) -> tuple[list[str], float]:
+def _bits(flags) -> str:
+    return "".join("1" if f else "0" for f in flags)
+
+
+def _flags(bits: str) -> list[bool]:
+    return [c == "1" for c in bits]
+
+
+def answer_batch(model, tok, prompts, gen: GenerationConfig, method, **kwargs) -> tuple[list[str], float]:
     """Decode a batch; returns the answers (text up to EOS) and the wall time."""
     t0 = time.perf_counter()
     out = generate(model, prompts, gen, method=method, pad_id=tok.eos_id, **kwargs)
     return [tok.decode(ids).strip() for ids in out.tokens.tolist()], time.perf_counter() - t0
 
 
-def synthetic_accuracy(model, tok, examples, gen, method, batch_size, **kwargs) -> dict:
-    """Exact-match accuracy (and time) of one method on synthetic examples."""
-    correct, seconds = [], 0.0
+def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "vanilla", batch_size: int = 16,
+                 **knobs) -> list[dict]:
+    """Each synthetic example decoded by one method; per example whether the answer is exactly right and,
+    for ``prefill``, which chunks were selected and whether those hold the whole needle (recall@K)."""
+    from pdllm.eval.metrics import needle_recalled
+    from pdllm.sampler import make_method
+
+    records = []
     for i in range(0, len(examples), batch_size):
         part = examples[i : i + batch_size]
         prompts = [tok.long_context_prompt(e.context, e.question) for e in part]
-        answers, dt = answer_batch(model, tok, prompts, gen, method, **kwargs)
-        seconds += dt
-        correct += [a == e.answer for a, e in zip(answers, part)]
-    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "seconds": seconds}
+        obj = make_method(method, **knobs)
+        answers, dt = answer_batch(model, tok, prompts, gen, obj)
+        selected = getattr(obj, "selected", None) if method == "prefill" else None
+        for j, (e, a) in enumerate(zip(part, answers)):
+            rec = {"correct": a == e.answer, "seconds": dt / len(part)}
+            if selected is not None:
+                rec["needle_selected"] = needle_recalled(e.needle_span, obj.cfg.chunk_size, selected[j])
+            records.append(rec)
+    return records
 
 
-def run_grid(model, tok, tasks, lengths, depths, n, methods, gen, batch_size, prefill) -> dict:
+def cell_summary(records: list[dict]) -> dict:
+    """Accuracy with its 95% interval, recall@K, and the misses split by whether the needle's chunks were kept:
+    a miss with the needle kept is lost by the model, one without it by the selection."""
+    from pdllm.eval.metrics import wilson_interval
+
+    n, hits = len(records), sum(r["correct"] for r in records)
+    out = {"n": n, "accuracy": hits / max(1, n), "ci95": list(wilson_interval(hits, n)),
+           "seconds": sum(r["seconds"] for r in records), "correct": _bits(r["correct"] for r in records)}
+    if records and "needle_selected" in records[0]:
+        sel = [r["needle_selected"] for r in records]
+        out.update(recall=sum(sel) / n, needle_selected=_bits(sel),
+                   misses_needle_selected=sum(s and not r["correct"] for s, r in zip(sel, records)),
+                   misses_needle_not_selected=sum(not s and not r["correct"] for s, r in zip(sel, records)))
+    return out
+
+
+def synthetic_accuracy(model, tok, examples, gen, method, batch_size, **kwargs) -> dict:
+    """Exact-match accuracy (and time, and for prefill recall@K) of one method on synthetic examples."""
+    return cell_summary(run_examples(model, tok, examples, gen, method, batch_size, **kwargs))
+
+
+class Deadline:
+    """A time budget: work past it is skipped and listed, so a run on a lent GPU ends with what it has."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.time() + seconds
+        self.skipped: list[str] = []
+
+    def passed(self, what: str) -> bool:
+        if self.end is not None and time.time() > self.end:
+            self.skipped.append(what)
+            return True
+        return False
+
+
+def _grid_method(label: str, prefill: dict) -> tuple[str, dict]:
+    if label in GRID_METHODS:
+        method, over = GRID_METHODS[label]
+        return method, {**prefill, **over}
+    return label, (prefill if label == "prefill" else {})
+
+
+def run_grid(model, tok, tasks, lengths, depths, n, methods, gen, batch_size, prefill, deadline=None,
+             save=None, results: dict | None = None) -> dict:
+    """Every method on the same examples of each (task, length, depth) cell, into ``results``
+    (``save()`` is called after each task and length, so a cut run keeps what it did)."""
     from pdllm.data.synthetic import make_grid
 
-    results = {}
-    cells = [(t, L, d) for t in tasks for L in lengths for d in depths]
-    bar = tqdm(total=len(cells) * len(methods), desc="grid", unit="cell")
-    for task in tasks:
-        grid = make_grid(task, lengths, depths, n, seed="eval", tokenizer=tok.tk)
-        for (L, d), examples in grid.items():
-            for method in methods:
-                kwargs = prefill if method == "prefill" else {}
-                r = synthetic_accuracy(model, tok, examples, gen, method, batch_size, **kwargs)
-                results.setdefault(method, {}).setdefault(task, {}).setdefault(str(L), {})[str(d)] = r
-                bar.update(1)
+    deadline = deadline or Deadline(None)
+    results = {} if results is None else results
+    bar = tqdm(total=len(tasks) * len(lengths) * len(depths) * len(methods), desc="grid", unit="cell")
+    for L in lengths:
+        for task in tasks:
+            grid = make_grid(task, [L], depths, n, seed="eval", tokenizer=tok.tk)
+            for (_, d), examples in grid.items():
+                for label in methods:
+                    bar.update(1)
+                    if deadline.passed(f"grid {label} {task} {L} {d}"):
+                        continue
+                    method, kwargs = _grid_method(label, prefill)
+                    r = synthetic_accuracy(model, tok, examples, gen, method, batch_size, **kwargs)
+                    results.setdefault(label, {}).setdefault(task, {}).setdefault(str(L), {})[str(d)] = r
+            if save:
+                save()
     bar.close()
     return results
 
 
-def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which) -> dict:
+def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which, deadline=None, save=None,
+                  results: dict | None = None) -> dict:
     """Each setting of ``which`` on the same examples, and the dense model (``vanilla``) on them
     too (key ``"dense"``), so that every setting reads as a share of dense accuracy."""
     from pdllm.data.synthetic import make_examples
 
+    deadline = deadline or Deadline(None)
     examples = {t: make_examples(t, n, length, seed="ablation", tokenizer=tok.tk) for t in tasks}
     dense = {t: synthetic_accuracy(model, tok, ex, gen, "vanilla", batch_size) for t, ex in examples.items()}
-    results = {"dense": {"accuracy": sum(r["accuracy"] for r in dense.values()) / len(dense), "tasks": dense}}
+    results = {} if results is None else results
+    results.update({"length": length, "n_per_task": n,
+                    "dense": {"accuracy": sum(r["accuracy"] for r in dense.values()) / len(dense), "tasks": dense}})
+    done: dict = {}  # knobs -> per-task results: a setting that is the default runs once
     settings = [(name, label, over) for name in which for label, over in ABLATIONS[name]]
     for name, label, over in tqdm(settings, desc="ablations", unit="setting"):
         kwargs = {**prefill, **over}
-        per_task = {t: synthetic_accuracy(model, tok, ex, gen, "prefill", batch_size, **kwargs) for t, ex in examples.items()}
+        if "score_depth" in over and not _has_knob("score_depth"):
+            results.setdefault("not_run", {})[name] = "this pdllm's PrefillConfig has no score_depth"
+            continue
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in done:
+            if deadline.passed(f"ablation {name} {label}"):
+                continue
+            done[key] = {t: synthetic_accuracy(model, tok, ex, gen, "prefill", batch_size, **kwargs)
+                         for t, ex in examples.items()}
+        per_task = done[key]
         mean = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
-        results.setdefault(name, []).append({"label": label, "prefill": kwargs, "accuracy": mean, "tasks": per_task})
+        row = {"label": label, "prefill": kwargs, "accuracy": mean, "tasks": per_task}
+        if all("recall" in r for r in per_task.values()):
+            row["recall"] = sum(r["recall"] for r in per_task.values()) / len(per_task)
+        results.setdefault(name, []).append(row)
+        if save:
+            save()
     return results
+
+
+def _has_knob(name: str) -> bool:
+    from pdllm.prefill import PrefillConfig
+
+    return name in PrefillConfig.__dataclass_fields__
+
+
+# ---------------------------------------------------------------------------------------------
+# What the grid says: pooled figures, paired differences, the goals
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool(cells: dict, key: str = "correct") -> list[bool]:
+    return [f for c in cells.values() for f in _flags(c.get(key, ""))]
+
+
+def summarize(report: dict) -> dict:
+    """Per task and length, pooled over depths: each method's accuracy (95% Wilson interval), prefill's
+    recall@K and where its misses come from, and paired differences on the same examples (prefill - dense,
+    BOS anchors - none); per length and depth, pooled over tasks: the depth curve."""
+    from pdllm.eval.metrics import paired_difference, wilson_interval
+
+    grid, out = report["grid"], {"by_task_length": {}, "depth_curve": {}}
+    dense = "vanilla" if "vanilla" in grid else None
+    for task in report["tasks"]:
+        for L in map(str, report["lengths"]):
+            row: dict = {}
+            for label, per_task in grid.items():
+                cells = per_task.get(task, {}).get(L)
+                if not cells:
+                    continue
+                flags = _pool(cells)
+                m = {"n": len(flags), "accuracy": sum(flags) / len(flags), "ci95": list(wilson_interval(sum(flags), len(flags)))}
+                sel = _pool(cells, "needle_selected")
+                if sel:
+                    m.update(recall=sum(sel) / len(sel), recall_ci95=list(wilson_interval(sum(sel), len(sel))),
+                             misses_needle_selected=sum(s and not c for s, c in zip(sel, flags)),
+                             misses_needle_not_selected=sum(not s and not c for s, c in zip(sel, flags)))
+                row[label] = m
+                row[f"_{label}_flags"] = flags
+            if dense in row and "prefill" in row and len(row["_prefill_flags"]) == len(row[f"_{dense}_flags"]):
+                row["prefill_minus_dense"] = list(paired_difference(row["_prefill_flags"], row[f"_{dense}_flags"]))
+            if "prefill" in row and "prefill_no_bos" in row and len(row["_prefill_flags"]) == len(row["_prefill_no_bos_flags"]):
+                row["bos_minus_no_bos"] = list(paired_difference(row["_prefill_flags"], row["_prefill_no_bos_flags"]))
+            out["by_task_length"].setdefault(task, {})[L] = {k: v for k, v in row.items() if not k.startswith("_")}
+    for label, per_task in grid.items():
+        for L in map(str, report["lengths"]):
+            for d in map(str, report["depths"]):
+                flags = [f for task in per_task for f in _flags(per_task[task].get(L, {}).get(d, {}).get("correct", ""))]
+                if flags:
+                    out["depth_curve"].setdefault(label, {}).setdefault(L, {})[d] = {
+                        "n": len(flags), "accuracy": sum(flags) / len(flags),
+                        "ci95": list(wilson_interval(sum(flags), len(flags)))}
+    return out
+
+
+def check_goals(report: dict) -> list[dict]:
+    """Issue 18's goals, each with the figure measured and, where one is missed, which part loses it."""
+    s, trained = report["summary"]["by_task_length"], str(report["trained_length"])
+    goals = []
+
+    def add(goal, value, met, why=""):
+        goals.append({"goal": goal, "measured": value, "met": bool(met), **({"where_lost": why} if why and not met else {})})
+
+    for task, by_len in s.items():
+        row = by_len.get(trained, {})
+        if "vanilla" in row:
+            add(f"dense >= 0.95 at the trained length ({task})", round(row["vanilla"]["accuracy"], 3),
+                row["vanilla"]["accuracy"] >= 0.95, "the model")
+        if "vanilla" in row and "prefill" in row:
+            p, d = row["prefill"], row["vanilla"]["accuracy"]
+            lost = ("selection" if p["misses_needle_not_selected"] >= p["misses_needle_selected"] else "the model")
+            add(f"prefill >= 0.99 x dense at the trained length ({task})", f"{p['accuracy']:.3f} vs {d:.3f}",
+                p["accuracy"] >= 0.99 * d, f"{lost} ({p['misses_needle_not_selected']} misses without the needle's chunk, "
+                f"{p['misses_needle_selected']} with it)")
+            add(f"recall@K >= 0.98 at the trained length ({task})", round(p["recall"], 3), p["recall"] >= 0.98, "selection")
+        for L, r in by_len.items():
+            if int(L) >= 2 * int(trained) and "prefill_minus_dense" in r:
+                p = r["prefill"]
+                lost = ("selection" if p["misses_needle_not_selected"] >= p["misses_needle_selected"] else "the model")
+                add(f"prefill >= dense + 0.2 at {int(L) / int(trained):g}x ({task})",
+                    f"{p['accuracy']:.3f} vs {r['vanilla']['accuracy']:.3f}", r["prefill_minus_dense"][0] >= 0.2, lost)
+            if "bos_minus_no_bos" in r:
+                diff, lo, hi = r["bos_minus_no_bos"]
+                add(f"BOS anchors >= no anchors at {L} ({task})", f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", hi >= 0,
+                    "the model (anchors hurt it)")
+    curve = report["summary"]["depth_curve"].get("prefill", {})
+    for L, by_depth in curve.items():
+        accs = [c["accuracy"] for c in by_depth.values()]
+        lo_max = max(c["ci95"][0] for c in by_depth.values())
+        hi_min = min(c["ci95"][1] for c in by_depth.values())
+        add(f"prefill depth curve flat within the noise at {L}", f"{min(accs):.3f}-{max(accs):.3f}", lo_max <= hi_min,
+            "the model at some depths")
+    return goals
 
 
 def run_benchmark(model, tok, examples, method, prefill, max_gen: int | None) -> dict:
@@ -124,9 +319,9 @@ def plot_heatmaps(grid: dict, out: Path):
     for i, task in enumerate(tasks):
         for j, method in enumerate(methods):
             cells = grid[method][task]
-            lengths = list(cells)
-            depths = list(cells[lengths[0]])
-            acc = [[cells[L][d]["accuracy"] for L in lengths] for d in depths]
+            lengths = sorted(cells, key=int)
+            depths = sorted(cells[lengths[0]], key=float)
+            acc = [[cells[L].get(d, {}).get("accuracy", float("nan")) for L in lengths] for d in depths]
             ax = axes[i][j]
             ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
@@ -142,25 +337,109 @@ def plot_heatmaps(grid: dict, out: Path):
     plt.close(fig)
 
 
-def plot_ablation(ablations: dict, name: str, out: Path):
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ablations[name]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["label"] for r in rows], [r["accuracy"] for r in rows], marker="o", label="prefill")
-    if "dense" in ablations:
-        ax.axhline(ablations["dense"]["accuracy"], color="gray", linestyle="--", label="dense (vanilla)")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("accuracy (mean over tasks)")
-    ax.set_title(f"Prefilling-dLLM: accuracy vs {name}")
-    ax.grid(alpha=0.3)
+    return plt
+
+
+def _errorbar(ax, xs, cells, **kw):
+    acc = [c["accuracy"] for c in cells]
+    err = [[a - c["ci95"][0] for a, c in zip(acc, cells)], [c["ci95"][1] - a for a, c in zip(acc, cells)]]
+    ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, **kw)
+
+
+def plot_lengths(report: dict, out: Path):
+    """Accuracy against context length, pooled over tasks and depths (95% intervals): dense, prefill with BOS
+    anchors and without; and prefill's recall@K of the needle's chunk beside it."""
+    from pdllm.eval.metrics import wilson_interval
+
+    plt = _plt()
+    grid, lengths = report["grid"], [str(L) for L in report["lengths"]]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, style in (("vanilla", "k--"), ("prefill", "C0-"), ("prefill_no_bos", "C1-"), ("dual", "C2:")):
+        if label not in grid:
+            continue
+        for key, axis in (("correct", ax), ("needle_selected", bx)):
+            cells, xs = [], []
+            for L in lengths:
+                flags = [f for t in grid[label] for f in _flags("".join(c.get(key, "") for c in grid[label][t].get(L, {}).values()))]
+                if flags:
+                    cells.append({"accuracy": sum(flags) / len(flags), "ci95": wilson_interval(sum(flags), len(flags))})
+                    xs.append(int(L))
+            if cells:
+                _errorbar(axis, xs, cells, fmt=style, label=label)
+    for axis, title in ((ax, "exact match"), (bx, f"recall@K of the needle's chunk (top-{report['prefill']['top_k']})")):
+        axis.axvline(report["trained_length"], color="gray", alpha=0.4)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([int(L) for L in lengths], lengths)
+        axis.set_ylim(0, 1.02)
+        axis.set_xlabel("context tokens (grey: trained length)")
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_depth_curve(report: dict, out: Path):
+    """Accuracy against needle depth at each length, pooled over tasks (95% intervals)."""
+    plt = _plt()
+    curve = report["summary"]["depth_curve"]
+    lengths = [str(L) for L in report["lengths"]]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3 * len(lengths), 3), squeeze=False, sharey=True)
+    for ax, L in zip(axes[0], lengths):
+        for label, style in (("vanilla", "k--"), ("prefill", "C0-"), ("prefill_no_bos", "C1-")):
+            cells = curve.get(label, {}).get(L)
+            if cells:
+                _errorbar(ax, [float(d) for d in cells], list(cells.values()), fmt=style, label=label)
+        ax.set_title(f"{L} tokens", fontsize=9)
+        ax.set_xlabel("needle depth")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact match")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_ablations(ablations: dict, out: Path):
+    """One panel per ablation: prefill's accuracy and recall@K per setting, dense on the same examples."""
+    plt = _plt()
+    names = [k for k, v in ablations.items() if isinstance(v, list)]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names):
+        rows = ablations[name]
+        ax.plot([r["label"] for r in rows], [r["accuracy"] for r in rows], marker="o", label="prefill")
+        if all("recall" in r for r in rows):
+            ax.plot([r["label"] for r in rows], [r["recall"] for r in rows], marker="s", linestyle=":", label="recall@K")
+        ax.axhline(ablations["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean over tasks at {ablations.get('length', '?')} tokens")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_report(report: dict, out_dir: Path):
+    """Every plot of a synthetic report (also from a committed eval JSON)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_heatmaps(report["grid"], out_dir / "heatmaps.png")
+    plot_lengths(report, out_dir / "lengths_recall_bos.png")
+    plot_depth_curve(report, out_dir / "depth_curve.png")
+    if "ablations" in report:
+        plot_ablations(report["ablations"], out_dir / "ablations.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,19 +455,27 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--device", default=None)
     p.add_argument("--tasks", default=None, help="comma-separated (synthetic tasks, or benchmark tasks)")
-    p.add_argument("--lengths", default="256,512,1024", help="context lengths in tokens")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens")
+    p.add_argument("--trained-length", type=int, default=None, help="the context length the model was trained "
+                   "at (default: the longest of --lengths within the model's max_positions)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--n", type=int, default=4, help="examples per grid cell")
-    p.add_argument("--methods", default="vanilla,dual,prefill")
-    p.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated, or 'none'")
+    p.add_argument("--methods", default="vanilla,prefill,prefill_no_bos",
+                   help=f"sampler methods, or {', '.join(GRID_METHODS)} (prefill with one knob changed)")
+    p.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS), help=f"comma-separated of {', '.join(ABLATIONS)}, or 'none'")
     p.add_argument("--ablation-n", type=int, default=20, help="examples per task for each ablation setting")
+    p.add_argument("--ablation-length", type=int, default=None, help="context length of the ablations "
+                   "(default: the trained length)")
     p.add_argument("--ablation-tasks", default=None, help="tasks for the ablations (default: those the dense "
-                   "model answers at all at the longest length: an ablation of a task it cannot do says nothing)")
+                   "model answers at all at the ablation length: an ablation of a task it cannot do says nothing)")
     p.add_argument("--gen-length", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_PREFILL["chunk_size"])
     p.add_argument("--top-k", type=int, default=DEFAULT_PREFILL["top_k"])
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the grid: cells past it are skipped "
+                   "and listed in the report")
+    p.add_argument("--ablation-time-budget", type=float, default=None, help="seconds for the ablations, likewise")
     p.add_argument("--longbench", type=Path, default=None, help="directory of LongBench <task>.jsonl files")
     p.add_argument("--infinitebench", type=Path, default=None, help="directory of InfiniteBench <task>.jsonl files")
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark task")
@@ -197,10 +484,12 @@ def main(argv=None) -> int:
 
     model, tok = load_model(args.model, args.device)
     device = str(model.device)
-    prefill = dict(chunk_size=args.chunk_size, top_k=args.top_k)
+    prefill = {**DEFAULT_PREFILL, "chunk_size": args.chunk_size, "top_k": args.top_k}
     methods = args.methods.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(args.model), "device": device, "prefill": prefill, "date": time.strftime("%Y-%m-%d")}
+    report = {"model": args.model.name, "device": torch.cuda.get_device_name(model.device) if device.startswith("cuda")
+              else "cpu", "torch": torch.__version__, "prefill": prefill, "date": time.strftime("%Y-%m-%d"),
+              "command": "pdllm eval " + " ".join(argv if argv is not None else sys.argv[1:])}
 
     if args.longbench or args.infinitebench:
         from pdllm.eval import load_infinitebench, load_longbench
@@ -220,31 +509,46 @@ def main(argv=None) -> int:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     lengths = [int(v) for v in args.lengths.split(",")]
     depths = [float(v) for v in args.depths.split(",")]
+    within = [L for L in lengths if L <= model.cfg.max_positions]
+    trained = args.trained_length or (max(within) if within else lengths[0])
     gen = GenerationConfig(gen_length=args.gen_length, block_length=args.gen_length, steps=args.gen_length,
                            threshold=args.threshold)
-    report.update(generation=asdict(gen), tasks=tasks, lengths=lengths, depths=depths, n_per_cell=args.n)
-    report["grid"] = run_grid(model, tok, tasks, lengths, depths, args.n, methods, gen, args.batch_size, prefill)
-    for method, per_task in report["grid"].items():
-        for task, cells in per_task.items():
-            accs = [c["accuracy"] for row in cells.values() for c in row.values()]
-            longest = cells[str(lengths[-1])]
-            print(f"{method:8s} {task:16s} mean {sum(accs) / len(accs):.3f}  at {lengths[-1]} tokens "
-                  f"{sum(c['accuracy'] for c in longest.values()) / len(longest):.3f}")
+    report.update(generation=asdict(gen), tasks=tasks, lengths=lengths, trained_length=trained, depths=depths,
+                  n_per_cell=args.n, model_max_positions=model.cfg.max_positions)
+    deadline, ablation_deadline = Deadline(args.time_budget), Deadline(None)
+
+    def save():
+        report["skipped_for_time"] = deadline.skipped + ablation_deadline.skipped
+        (args.out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    first = sorted(lengths, key=lambda L: (L < trained, L))  # the trained length and beyond first, if time runs out
+    report["grid"] = {}
+    run_grid(model, tok, tasks, first, depths, args.n, methods, gen, args.batch_size, prefill, deadline, save,
+             report["grid"])
     which = [] if args.ablations == "none" else args.ablations.split(",")
     if which:
-        dense = report["grid"].get("vanilla") or report["grid"][methods[0]]
-        able = [t for t in tasks if any(c["accuracy"] > 0 for c in dense[t][str(lengths[-1])].values())]
+        ablation_deadline = Deadline(args.ablation_time_budget)
+        length = args.ablation_length or trained
+        dense = report["grid"].get("vanilla", {})
+        able = [t for t in tasks if any(c["accuracy"] > 0 for c in dense.get(t, {}).get(str(length), {}).values())]
         ablation_tasks = args.ablation_tasks.split(",") if args.ablation_tasks else (able or tasks)
         report["ablation_tasks"] = ablation_tasks
-        report["ablations"] = run_ablations(model, tok, ablation_tasks, lengths[-1], args.ablation_n, gen,
-                                            args.batch_size, prefill, which)
-        print(f"dense (vanilla) on the ablation examples: {report['ablations']['dense']['accuracy']:.3f}")
-        for name in which:
-            rows = report["ablations"][name]
-            print(name, "  ".join(f"{r['label']}: {r['accuracy']:.3f}" for r in rows))
-            plot_ablation(report["ablations"], name, args.out / f"ablation_{name}.png")
-    (args.out / "eval.json").write_text(json.dumps(report, indent=2))
-    plot_heatmaps(report["grid"], args.out / "heatmaps.png")
+        report["ablations"] = {}
+        run_ablations(model, tok, ablation_tasks, length, args.ablation_n, gen, args.batch_size, prefill, which,
+                      ablation_deadline, save, report["ablations"])
+    report["summary"] = summarize(report)
+    report["goals"] = check_goals(report)
+    save()
+    for task, by_len in report["summary"]["by_task_length"].items():
+        for L, row in by_len.items():
+            print(f"{task:16s} {L:>6s}  " + "  ".join(f"{m} {v['accuracy']:.3f}" + (f" (recall {v['recall']:.3f})"
+                  if "recall" in v else "") for m, v in row.items() if isinstance(v, dict)))
+    for name in which:
+        for r in report["ablations"].get(name, []):
+            print(f"ablation {name:12s} {r['label']:18s} {r['accuracy']:.3f}" + (f" recall {r['recall']:.3f}" if "recall" in r else ""))
+    for g in report["goals"]:
+        print(("MET   " if g["met"] else "MISSED"), g["goal"], g["measured"], g.get("where_lost", ""))
+    plot_report(report, args.out)
     print(f"wrote {args.out / 'eval.json'} and plots")
     return 0
 

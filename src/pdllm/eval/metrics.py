@@ -442,3 +442,43 @@ def score(
     else:
         raise ValueError(f"unknown metric {metric_name!r}; known metrics: {', '.join(METRIC_NAMES)}")
     return max((float(metric(prediction, answer)) for answer in answers), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunk selection: did the scorer keep the chunk that holds the answer? And how sure is a measured rate?
+
+
+def needle_chunks(span: tuple[int, int], chunk_size: int) -> list[int]:
+    """The chunks (``chunk_size`` context tokens each, numbered from 0) that the token span [start, end) overlaps."""
+    start, end = span
+    if end <= start:
+        raise ValueError(f"empty needle span {span}")
+    return list(range(start // chunk_size, (end - 1) // chunk_size + 1))
+
+
+def needle_recalled(span: tuple[int, int], chunk_size: int, selected: Sequence[int]) -> bool:
+    """Recall@K of one request: every chunk the needle overlaps is among the selected ones (a needle cut in two by
+    a chunk boundary needs both halves to be readable)."""
+    return set(needle_chunks(span, chunk_size)) <= set(selected)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate of ``hits`` out of ``n`` (sound near 0 and 1, where the normal one is not)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of a - b over the same examples, with a 95% normal interval of the paired differences: two methods on
+    the same examples differ only where they disagree, so this interval is narrower than two separate ones."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_difference needs two equally long, non-empty lists of outcomes on the same examples")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n, mean = len(d), sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    half = z * (var / n) ** 0.5
+    return mean, mean - half, mean + half
