@@ -91,7 +91,7 @@ def test_grow_layers_keeps_the_function(tok):
     idx = torch.randint(3, tok.vocab_size, (2, 20))
     pos = torch.arange(20).expand(2, -1)
     torch.testing.assert_close(a(idx, pos), b(idx, pos))
-    assert torch.equal(b.blocks[1].attn.q.weight, a.blocks[0].attn.q.weight)  # the copy keeps its attention
+    assert torch.equal(b.blocks[1].attn.wqkv.weight, a.blocks[0].attn.wqkv.weight)  # the copy keeps its attention
     with pytest.raises(ValueError, match="multiple"):
         grow_layers(a.state_dict(), 2, 3)
 

@@ -73,7 +73,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
     """Each synthetic example decoded by one method; per example whether the answer is exactly right and,
     for ``prefill``, which chunks were selected and whether those hold the whole needle (recall@K)."""
     from pdllm.eval.metrics import needle_recalled
-    from pdllm.sampler import make_method
+    from pdllm.methods import make_method
 
     records = []
     for i in range(0, len(examples), batch_size):
