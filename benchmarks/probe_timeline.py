@@ -1,12 +1,12 @@
 """Where a chunk-attention launch spends its time: per-program clock stamps, on a GPU.
 
-A diagnostic, not a benchmark. It copies ``triton_kernels/chunk_attention.py`` with a few lines
-added (``%globaltimer`` read at program start, after the key loop, after the split ticket and at
-the end, plus the SM id), runs the copy on the shapes of ``bench_chunk_attention.py`` by CUDA-graph
-replays over 4 layers (as that benchmark times them), and reports per launch: the spread of
-program start times, the key loop's duration (min / median / max over programs), the publish
-(partial store + fence + ticket) and combine durations of the split combine, and the idle gap
-between consecutive launches:
+A diagnostic, not a benchmark. It runs the kernel compiled with its TIMING branch
+(``chunk_attention(..., timestamps=buf)``: ``%globaltimer`` read at program start, after the key
+loop, after the split ticket and at the end, plus the SM id) on the shapes of
+``bench_chunk_attention.py`` by CUDA-graph replays over 4 layers (as that benchmark times them),
+and reports per launch: the spread of program start times, the key loop's duration (min / median
+/ max over programs), the publish (partial store + fence + ticket) and combine durations of the
+split combine, and the idle gap between consecutive launches:
 
     python benchmarks/probe_timeline.py --cases sparse-32K,full-8K --splits 4,8 --out timeline.json
 
@@ -16,10 +16,8 @@ The stamps cost a few stores per program, so the probed launch is a little slowe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,64 +26,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, ROTATE, inputs, needed_bytes, rotating_time_ms  # noqa: E402
 from ceilings import copy_gbps  # noqa: E402
 
-KERNEL = Path(__file__).resolve().parents[1] / "triton_kernels" / "chunk_attention.py"
-SLOTS = 8  # per program: 0 start, 2 loop end, 3 after ticket, 4 end, 5 SM id, 6 ticket
-
-
-def instrumented_source(src: str) -> str:
-    """The kernel with clock stamps written to TIMES[program, slot]. Every edit must apply once."""
-    edits = [
-        ("import triton.language as tl\n",
-         "import triton.language as tl\nfrom triton.language.extra.cuda import globaltimer, smid\n"),
-        ("O_PART, LSE_PART, COUNTERS,  #", "O_PART, LSE_PART, COUNTERS, TIMES,  #"),
-        ("    pid_m = tl.program_id(2)  # which block of the group's query rows\n",
-         "    pid_m = tl.program_id(2)  # which block of the group's query rows\n"
-         "    T0 = globaltimer()\n"
-         f"    tb = TIMES + ((tl.program_id(1) * tl.num_programs(2) + pid_m) * tl.num_programs(0) + pid_s) * {SLOTS}\n"),
-        # the loop-end stamp depends on l_i, so that it is not hoisted above the loop
-        ("    # A split (or a whole row) without keys has l_i = 0",
-         "    tl.store(tb + 2, globaltimer() + (tl.sum(l_i) > 1e30).to(tl.int64))\n"
-         "    tl.store(tb + 0, T0)\n    tl.store(tb + 5, smid().to(tl.int64))\n"
-         "    # A split (or a whole row) without keys has l_i = 0"),
-        ("        if ticket == num_splits - 1:",
-         "        tl.store(tb + 3, globaltimer() + (ticket > 1000000).to(tl.int64))\n"
-         "        tl.store(tb + 6, ticket.to(tl.int64))\n"
-         "        if ticket == num_splits - 1:"),
-        ("        tl.store(LSE + lse_off, lse2 * LN2, mask=row_valid)\n",
-         "        tl.store(LSE + lse_off, lse2 * LN2, mask=row_valid)\n        tl.store(tb + 4, globaltimer())\n"),
-        ("            tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float(\"-inf\")), mask=row_valid)\n",
-         "            tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float(\"-inf\")), mask=row_valid)\n"
-         "            tl.store(tb + 4, globaltimer())\n"),
-        ("        o_part, lse_part, counters,\n", "        o_part, lse_part, counters, TIMES[0],\n"),
-        ("_COUNTERS: dict[tuple, torch.Tensor] = {}", "_COUNTERS: dict[tuple, torch.Tensor] = {}\nTIMES = [None]"),
-    ]
-    for old, new in edits:
-        if src.count(old) != 1:
-            raise SystemExit(f"probe_timeline: the kernel changed, this edit no longer applies:\n{old}")
-        src = src.replace(old, new)
-    return src
-
-
-def load_instrumented():
-    path = Path(tempfile.mkdtemp()) / "chunk_attention_timed.py"
-    path.write_text(instrumented_source(KERNEL.read_text()))
-    spec = importlib.util.spec_from_file_location("chunk_attention_timed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+START, LOOP_END, TICKET_AT, END, SM, TICKET = range(6)  # the kernel's TIMESTAMP_SLOTS, in order
 
 
 def summarise(stamps: torch.Tensor, splits: int, t0: float) -> dict:
     """stamps (programs, SLOTS) int64 ns of one launch -> durations in us."""
     s = stamps.double()
-    start, loop_end, ticket_at, end = (s[:, i] - t0 for i in (0, 2, 3, 4))
+    start, loop_end, ticket_at, end = (s[:, i] - t0 for i in (START, LOOP_END, TICKET_AT, END))
     loop = loop_end - start
     q = lambda x: [round(v / 1e3, 2) for v in (x.min().item(), x.median().item(), x.max().item())]  # noqa: E731
     row = {"start_spread_us": round((start.max() - start.min()).item() / 1e3, 2),
            "loop_us_min_med_max": q(loop), "last_loop_end_us": round(loop_end.max().item() / 1e3, 2),
-           "end_us": round(end.max().item() / 1e3, 2), "sms": len(set(stamps[:, 5].tolist()))}
+           "end_us": round(end.max().item() / 1e3, 2), "sms": len(set(stamps[:, SM].tolist()))}
     if splits > 1:
-        combiner = stamps[:, 6] == splits - 1
+        combiner = stamps[:, TICKET] == splits - 1
         row["publish_us_min_med_max"] = q(ticket_at - loop_end)
         row["combine_us_min_med_max"] = q(end[combiner] - ticket_at[combiner])
     return row
@@ -101,27 +55,28 @@ def main():
                    help="also keep every program's stamps of the second launch (split, KV head, SM id, us since "
                         "the launch's first start: start, loop end, ticket, end; ticket)")
     args = p.parse_args()
-    kernel = load_instrumented()
+    from pdllm.triton_kernels.chunk_attention import TIMESTAMP_SLOTS, chunk_attention, launch_config
+
+    slots = TIMESTAMP_SLOTS.value
     copy = copy_gbps()  # the rate `pytest --benchmark` reports against
     results = []
     for case in [c for c in CASES if c.name in args.cases.split(",")]:
         q, k_cache, v_cache, index, kv_len = inputs(case)
         for splits in [int(s) for s in args.splits.split(",") if s] or [None]:
             cfg = json.loads(args.config)
-            resolved = kernel.launch_config(q, k_cache.shape[1], index.shape[1], cfg or None, splits)
+            resolved = launch_config(q, k_cache.shape[1], index.shape[1], cfg or None, splits)
             programs = resolved["num_splits"] * q.shape[0] * k_cache.shape[1]
-            buffers = [torch.zeros(programs * SLOTS, dtype=torch.int64, device="cuda") for _ in range(ROTATE)]
+            buffers = [torch.zeros(programs * slots, dtype=torch.int64, device="cuda") for _ in range(ROTATE)]
 
             def fn(i, cfg=cfg, splits=splits, buffers=buffers):
-                kernel.TIMES[0] = buffers[i]
-                return kernel.chunk_attention(q, k_cache[i], v_cache[i], index, kv_len, config=cfg or None,
-                                              num_splits=splits)[0]
+                return chunk_attention(q, k_cache[i], v_cache[i], index, kv_len, config=cfg or None,
+                                       num_splits=splits, timestamps=buffers[i])[0]
 
             ms = rotating_time_ms(fn)[0]
-            stamps = [b.view(programs, SLOTS).cpu() for b in buffers]  # the last replay's launches, in order
-            t0 = stamps[0][:, 0].min().item()
+            stamps = [b.view(programs, slots).cpu() for b in buffers]  # the last replay's launches, in order
+            t0 = stamps[0][:, START].min().item()
             launches = [summarise(s, resolved["num_splits"], t0) for s in stamps]
-            gaps = [round((stamps[i + 1][:, 0].min().item() - t0) / 1e3 - launches[i]["end_us"], 2)
+            gaps = [round((stamps[i + 1][:, START].min().item() - t0) / 1e3 - launches[i]["end_us"], 2)
                     for i in range(ROTATE - 1)]
             row = {"case": case.name, "config": {k: resolved[k] for k in ("BLOCK_N", "num_warps", "num_stages",
                                                                            "num_splits")},
@@ -130,10 +85,10 @@ def main():
                    "launches": launches, "gaps_between_launches_us": gaps}
             if args.raw:
                 one = stamps[1].double()
-                base = one[:, 0].min()
-                row["programs"] = [[i % resolved["num_splits"], i // resolved["num_splits"], int(one[i, 5])]
-                                   + [round((one[i, j] - base).item() / 1e3, 3) for j in (0, 2, 3, 4)]
-                                   + [int(one[i, 6])] for i in range(programs)]
+                base = one[:, START].min()
+                row["programs"] = [[i % resolved["num_splits"], i // resolved["num_splits"], int(one[i, SM])]
+                                   + [round((one[i, j] - base).item() / 1e3, 3) for j in (START, LOOP_END, TICKET_AT, END)]
+                                   + [int(one[i, TICKET])] for i in range(programs)]
             results.append(row)
             print(json.dumps({k: row[k] for k in ("case", "config", "probed_time_us")} | launches[1]
                              | {"gaps_us": gaps}), flush=True)

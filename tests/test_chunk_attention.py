@@ -245,20 +245,42 @@ def test_configs_shrink_to_fit_shared_memory():
     assert max_shared_memory(torch.device("cpu")) is None
 
 
-def test_timeline_probe_still_instruments_the_kernel():
-    # benchmarks/probe_timeline.py edits a copy of the kernel's source; a kernel change that its
-    # edits no longer match should fail here, not on a GPU.
-    import ast
+def test_timeline_probe_reads_the_kernels_stamp_slots():
+    # benchmarks/probe_timeline.py runs the kernel's TIMING branch; it names the same slots.
     import importlib.util
     from pathlib import Path
+
+    from pdllm.triton_kernels.chunk_attention import TIMESTAMP_SLOTS
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_timeline.py"
     spec = importlib.util.spec_from_file_location("probe_timeline", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    source = probe.instrumented_source(probe.KERNEL.read_text())
-    ast.parse(source)
-    assert source.count("globaltimer()") == 5
+    assert probe.TICKET == TIMESTAMP_SLOTS.value - 1
+
+
+@pytest.mark.gpu
+def test_timing_branch_stamps_every_program_and_changes_nothing():
+    from pdllm.triton_kernels.chunk_attention import TIMESTAMP_SLOTS, launch_config
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 32, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 3000, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    index = torch.randperm(3000, device="cuda", generator=g)[:2048].int()[None]
+    kv_len = torch.tensor([2048], dtype=torch.int32, device="cuda")
+    cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 4}
+    splits = launch_config(q, 2, 2048, cfg)["num_splits"]
+    grid_rows = splits * 2  # splits x KV heads, one block of the group's 128 query rows
+    stamps = torch.zeros(grid_rows * TIMESTAMP_SLOTS.value, dtype=torch.int64, device="cuda")
+    timed = chunk_attention(q, k, v, index, kv_len, config=cfg, timestamps=stamps)
+    plain = chunk_attention(q, k, v, index, kv_len, config=cfg)
+    assert torch.equal(timed[0], plain[0]) and torch.equal(timed[1], plain[1])
+    s = stamps.view(grid_rows, TIMESTAMP_SLOTS.value).cpu()
+    start, loop_end, ticket_at, end, ticket = s[:, 0], s[:, 1], s[:, 2], s[:, 3], s[:, 5]
+    assert (start > 0).all() and (loop_end >= start).all() and (ticket_at >= loop_end).all()
+    assert sorted(ticket.tolist()) == sorted(list(range(splits)) * 2)  # each KV head's splits drew one ticket each
+    last = ticket == splits - 1
+    assert (end[last] >= ticket_at[last]).all()
 
 
 def test_programmatic_dependent_launch_only_where_the_gpu_has_it():

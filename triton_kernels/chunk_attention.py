@@ -11,22 +11,18 @@ selected byte three times; this kernel reads each selected K/V row once, straigh
 
 Why split-KV: with 32 query rows and one program per (batch row, KV head), an LLaDA-8B layer
 launches only 32 programs for 132 SMs. Like flash-decoding, the logical key axis of each row is
-cut into ``num_splits`` parts and each program computes a partial (out, lse) over its part.
-The parts are combined with their log-sum-exps by the program of each (row, head) group that
-finishes last, in the same launch: every program writes its partial, then takes a ticket from
-a per-group counter (an atomic add); the one that draws the last ticket reads the others'
-partials (still in L2) and writes the result, so there is no second launch. It computes all
-split weights first, so that its loop over the partial outputs pipelines: on the H100 that made a
-4-split launch over 4K selected keys per head 13% faster than a separate combine kernel (at 8
-splits they are equal; benchmarks/results). With one split a program writes the final result
-directly.
+cut into ``num_splits`` parts and each program computes a partial (out, lse) over its part
+(``_attend_tile``, once per key tile). The parts are combined with their log-sum-exps by the
+program of each (row, head) group that finishes last, in the same launch (``_combine_splits``):
+every program writes its partial, then takes a ticket from a per-group counter (an atomic add);
+the one that draws the last ticket reads the others' partials (still in L2) and writes the
+result, so there is no second launch. With one split a program writes the final result directly.
 
 The partial outputs are stored in the output's dtype (bf16 or fp16; fp32 stays fp32), their
 log-sum-exps in fp32, as vLLM's paged attention v2 stores its partitions. Each partial is a
 convex combination of value rows, so it fits the value's dtype, and storing it costs one rounding
-at the output's own precision. Publishing and gathering the partials is the end of every launch's
-critical path: at half the bytes, sparse LLaDA-8B launches on the H100 took 4.4-4.6% less time
-(benchmarks/results/ab_partials_dtype_*.json).
+at the output's own precision; publishing and gathering the partials ends every launch's critical
+path, so half the bytes there is time saved.
 
 Why groups: with GQA, all query heads that share one KV head sit in the same program (its rows
 are group * Tq query rows), so every K/V tile is read from memory once per KV head, not per head.
@@ -38,11 +34,12 @@ row. Entries of kv_index past kv_len are never read, so they may hold garbage.
 
 On Hopper and newer GPUs the kernel is a programmatic dependent launch: it may start while the
 kernel before it in the stream is still finishing, waits for it (``gdc_wait``) before its first
-load, and lets the next launch start early in turn. That hides the launch gap and part of the
-previous kernel's tail; on the H100, consecutive sparse LLaDA-8B launches took 0.2-1.6% less
-time (benchmarks/results/ab_pdl_*.json). Everything else is the same on every GPU.
+load, and lets the next launch start early in turn, which hides the launch gap and part of the
+previous kernel's tail. Everything else is the same on every GPU.
 
-Where a launch spends its time (per-program clock stamps): benchmarks/probe_timeline.py.
+Where a launch spends its time: ``chunk_attention(..., timestamps=buf)`` compiles the kernel with
+per-program clock stamps (the ``TIMING`` branch; without it the stamps are not in the code at
+all); benchmarks/probe_timeline.py reads them. Measured figures: benchmarks/results.
 """
 
 from __future__ import annotations
@@ -70,10 +67,70 @@ def next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
 
+# Per-program clock stamps of the TIMING branch, TIMESTAMP_SLOTS int64 per program:
+# 0 start, 1 loop end, 2 after the split ticket, 3 end (ns, %globaltimer), 4 SM id, 5 ticket.
+TIMESTAMP_SLOTS = tl.constexpr(6)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_base, v_base, idx, key_valid, offs_d, qk_scale,
+                 stride_kp, stride_kd, stride_vp, stride_vd, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: the tile's keys are pool rows idx (BLOCK_N,) of which
+    key_valid are real. Returns the updated (acc, l_i, m_i)."""
+    # 1. K tile, gathered from the pool through the index (masked lanes never touch memory)
+    k = tl.load(k_base + idx[:, None] * stride_kp + offs_d[None, :] * stride_kd, mask=key_valid[:, None], other=0.0)
+    # 2. scores in base 2 (qk_scale holds log2(e)); padding keys get -inf
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(key_valid[None, :], s, float("-inf"))
+    # 3. online softmax: new running max, rescale factor of what came before, this tile's weights.
+    # Every tile holds at least one valid key, so m_new is finite and alpha is well defined
+    # (exp2(-inf) = 0 on the first tile).
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # 4. V tile, and the weighted sum of its rows into the accumulator
+    v = tl.load(v_base + idx[:, None] * stride_vp + offs_d[None, :] * stride_vd, mask=key_valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _combine_splits(OUT, LSE, O_PART, LSE_PART, row_off, lse_off, part_off, lse_part_off, row_valid, num_splits,
+                    stride_ps, stride_qs, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The last program of a group: out = sum_s w_s out_s with w_s = 2^(lse_s - lse) and
+    lse = log2 sum_s 2^lse_s, over the partials every split of the group has published."""
+    # 1. every split's weight first, from all their lse at once, so that the loop over the partial
+    # outputs has no dependency between iterations and its loads pipeline (this combine ends the
+    # kernel's critical path). Loads go through L2 (.cg), never a stale L1 line. A split without
+    # keys has lse -inf and weight 0.
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_all = tl.load(LSE_PART + offs_s[:, None] * stride_qs + lse_part_off[None, :],
+                      mask=(offs_s[:, None] < num_splits) & row_valid[None, :], other=float("-inf"),
+                      cache_modifier=".cg")  # (BLOCK_S, BLOCK_M)
+    m_c = tl.max(lse_all, 0)
+    m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)  # no keys in any split: weights 0
+    w_all = tl.exp2(lse_all - m_safe[None, :])
+    l_c = tl.sum(w_all, 0)
+    # 2. the weighted sum of the partial outputs
+    acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in tl.range(0, num_splits, num_stages=3):
+        w = tl.sum(tl.where(offs_s[:, None] == s, w_all, 0.0), 0)  # column s of w_all
+        o_s = tl.load(O_PART + s * stride_ps + part_off, mask=row_valid[:, None], other=0.0,
+                      cache_modifier=".cg").to(tl.float32)
+        acc_c += o_s * w[:, None]
+    # 3. normalise and store; a row without keys in any split gets out 0 and lse -inf
+    has_any = l_c > 0.0
+    l_c_safe = tl.where(has_any, l_c, 1.0)
+    tl.store(OUT + row_off, (acc_c / l_c_safe[:, None]).to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float("-inf")), mask=row_valid)
+
+
 @triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
     O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) out's dtype, (S, B, H, Tq) fp32 base 2, one int32 per group
+    TIMES,  # TIMING: (programs * TIMESTAMP_SLOTS,) int64 clock stamps; else None
     qk_scale,  # softmax scale * log2(e)
     Hkv, group, Tq, L, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -91,6 +148,7 @@ def _chunk_attention_fwd(
     BLOCK_S: tl.constexpr,  # next power of two >= num_splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), ignored for fp16/bf16
     PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper and newer)
+    TIMING: tl.constexpr,  # write per-program clock stamps to TIMES (benchmarks/probe_timeline.py)
 ):
     if PDL:
         # The launch may start while the previous kernel in the stream still runs (its tail, and
@@ -101,6 +159,9 @@ def _chunk_attention_fwd(
     pid_s = tl.program_id(0)  # which split of the key axis
     pid_bh = tl.program_id(1)  # (batch row, KV head)
     pid_m = tl.program_id(2)  # which block of the group's query rows
+    if TIMING:
+        t_start = tl.extra.cuda.globaltimer()
+        stamps = TIMES + ((pid_bh * tl.num_programs(2) + pid_m) * tl.num_programs(0) + pid_s) * TIMESTAMP_SLOTS
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
 
@@ -116,10 +177,9 @@ def _chunk_attention_fwd(
     # This program's part of the row's keys: split s owns index entries [lo, lo + keys_per_split)
     # of the index width L, tiles starting on BLOCK_N boundaries, cut short at the row's kv_len.
     # The split is cut from L (known at launch), not from kv_len (in memory), so that the first
-    # index load below need not wait for kv_len: the two loads are in flight together (on the
-    # H100, 0-1.4% faster over the benchmark's shapes). A row shorter than L leaves its last
-    # splits empty, which costs nothing, as the row of length L sets the launch's duration.
-    # Splits as even as keys allow, rather than whole tiles, were measured too: up to 3% slower.
+    # index load below need not wait for kv_len: the two loads are in flight together. A row
+    # shorter than L leaves its last splits empty, which costs nothing, as the row of length L
+    # sets the launch's duration. Whole tiles per split keep every tile's loads full-width.
     keys_per_split = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
     lo = pid_s * keys_per_split
     n = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), L)
@@ -147,19 +207,13 @@ def _chunk_attention_fwd(
         idx = idx_next.to(tl.int64)
         offs_after = offs_n + BLOCK_N
         idx_next = tl.load(idx_base + offs_after * stride_il, mask=offs_after < hi, other=0)
-        k = tl.load(k_base + idx[:, None] * stride_kp + offs_d[None, :] * stride_kd, mask=key_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(key_valid[None, :], s, float("-inf"))
-        # Every tile holds at least one valid key, so m_new is finite and alpha is well defined
-        # (exp2(-inf) = 0 on the first tile).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx[:, None] * stride_vp + offs_d[None, :] * stride_vd, mask=key_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, idx, key_valid, offs_d, qk_scale,
+                                     stride_kp, stride_kd, stride_vp, stride_vd, DOT_PRECISION)
 
+    if TIMING:  # the stamp depends on l_i, so that it is not hoisted above the loop
+        tl.store(stamps + 1, tl.extra.cuda.globaltimer() + (tl.sum(l_i) > 1e30).to(tl.int64))
+        tl.store(stamps + 0, t_start)
+        tl.store(stamps + 4, tl.extra.cuda.smid().to(tl.int64))
     # A split (or a whole row) without keys has l_i = 0: out 0 and lse -inf, never NaN.
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -170,6 +224,8 @@ def _chunk_attention_fwd(
     if not SPLIT:
         tl.store(OUT + row_off, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
         tl.store(LSE + lse_off, lse2 * LN2, mask=row_valid)
+        if TIMING:
+            tl.store(stamps + 3, tl.extra.cuda.globaltimer())
     else:
         part_off = b * stride_pb + h[:, None] * stride_ph + t[:, None] * stride_pt + offs_d[None, :] * stride_pd
         lse_part_off = b * stride_qlb + h * stride_qlh + t * stride_qlt
@@ -181,31 +237,15 @@ def _chunk_attention_fwd(
         tl.debug_barrier()
         counter = COUNTERS + pid_bh * tl.num_programs(2) + pid_m
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if TIMING:
+            tl.store(stamps + 2, tl.extra.cuda.globaltimer() + (ticket > 1000000).to(tl.int64))
+            tl.store(stamps + 5, ticket.to(tl.int64))
         if ticket == num_splits - 1:  # every other split of this group is done: combine them
             tl.store(counter, 0)  # ready for the next launch (and for CUDA-graph replays)
-            # out = sum_s w_s out_s with w_s = 2^(lse_s - lse), lse = log2 sum_s 2^lse_s. The
-            # weights come first, from all splits' lse at once, so that the loop over the partial
-            # outputs has no dependency between iterations and its loads are pipelined (this
-            # combine sits at the end of the kernel's critical path). Loads go through L2 (.cg),
-            # never a stale L1 line. A split without keys has lse -inf and weight 0.
-            offs_s = tl.arange(0, BLOCK_S)
-            lse_all = tl.load(LSE_PART + offs_s[:, None] * stride_qs + lse_part_off[None, :],
-                              mask=(offs_s[:, None] < num_splits) & row_valid[None, :], other=float("-inf"),
-                              cache_modifier=".cg")  # (BLOCK_S, BLOCK_M)
-            m_c = tl.max(lse_all, 0)
-            m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)  # no keys in any split: weights 0
-            w_all = tl.exp2(lse_all - m_safe[None, :])
-            l_c = tl.sum(w_all, 0)
-            acc_c = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            for s in tl.range(0, num_splits, num_stages=3):
-                w = tl.sum(tl.where(offs_s[:, None] == s, w_all, 0.0), 0)  # column s of w_all
-                o_s = tl.load(O_PART + s * stride_ps + part_off, mask=row_valid[:, None], other=0.0,
-                              cache_modifier=".cg").to(tl.float32)
-                acc_c += o_s * w[:, None]
-            has_any = l_c > 0.0
-            l_c_safe = tl.where(has_any, l_c, 1.0)
-            tl.store(OUT + row_off, (acc_c / l_c_safe[:, None]).to(OUT.dtype.element_ty), mask=row_valid[:, None])
-            tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float("-inf")), mask=row_valid)
+            _combine_splits(OUT, LSE, O_PART, LSE_PART, row_off, lse_off, part_off, lse_part_off, row_valid,
+                            num_splits, stride_ps, stride_qs, BLOCK_M, HEAD_DIM, BLOCK_S)
+            if TIMING:
+                tl.store(stamps + 3, tl.extra.cuda.globaltimer())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +315,8 @@ def num_sms(device: torch.device) -> int:
 def default_num_splits(base_programs: int, L: int, block_n: int, sms: int) -> int:
     """Splits so that the launch is one wave of one program per SM, but each split keeps at least
     four key tiles (shorter loops spend their time in the pipeline's prologue) and never more
-    splits than tiles. One per SM, not two: the loop is bound by memory, and on the H100 two
-    programs sharing an SM (8 splits of an LLaDA-8B layer) were ~10% slower than one (4 splits),
-    which also leaves half as many partials to combine (benchmarks/results/README.md)."""
+    splits than tiles. One per SM, not two: the loop is bound by memory, so a second program on
+    an SM brings no more bandwidth, and it doubles the partials to combine."""
     tiles = cdiv(max(L, 1), block_n)
     want = sms // max(base_programs, 1)
     return max(1, min(want, cdiv(tiles, 4), 64))
@@ -371,12 +410,16 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=None, config=None):
+def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=None, config=None,
+                    timestamps=None):
     """Attention of q (B, H, Tq, D) over pool rows ``kv_index[b, :kv_len[b]]``.
 
     Returns (out in q.dtype (B, H, Tq, D), lse fp32 (B, H, Tq), natural log). A row with no keys
     gets out 0 and lse -inf. ``config`` may set BLOCK_N, num_warps, num_stages, num_splits; what
     it leaves out comes from the tuned table of this GPU (pdllm.autotune.configs) or defaults.
+    ``timestamps`` (a diagnostic, CUDA only): an int64 tensor of at least programs *
+    TIMESTAMP_SLOTS entries, programs = num_splits * B * Hkv * row blocks, that receives every
+    program's clock stamps (see TIMESTAMP_SLOTS; benchmarks/probe_timeline.py reads them).
     """
     B, H, Tq, D, Hkv, P, L = _check_inputs(q, k_pool, v_pool, kv_index, kv_len)
     group = H // Hkv
@@ -399,7 +442,7 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
     pdl = {"PDL": True, "launch_pdl": True} if use_pdl(q.device) else {"PDL": False}
     _chunk_attention_fwd[grid](
         q, k_pool, v_pool, kv_index, kv_len, out, lse,
-        o_part, lse_part, counters,
+        o_part, lse_part, counters, timestamps,
         scale * LOG2E.value,
         Hkv, group, Tq, L, S,
         *q.stride(),
@@ -411,7 +454,7 @@ def chunk_attention(q, k_pool, v_pool, kv_index, kv_len, scale=None, num_splits=
         *o_part.stride(),
         *lse_part.stride(),
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=S > 1, BLOCK_S=next_pow2(S),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TIMING=timestamps is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     return out, lse

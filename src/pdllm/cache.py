@@ -65,8 +65,7 @@ class ChunkKVCache:
     Memory layout: the pool is stored row-major, (L, P, Hkv, D), and ``k``/``v`` are its
     (L, Hkv, P, D) views. A pool row then holds every head's K (Hkv * D contiguous), and the
     attention programs of all heads, which read the same selected rows at the same time, share
-    DRAM pages: the chunk-attention kernel ran 3% faster on an H100 than with a head-major pool
-    (LLaDA-8B layer, 4x1024 selected rows; benchmarks/probe_pool_layout.py).
+    DRAM pages (benchmarks/probe_pool_layout.py measures the two layouts).
     """
 
     def __init__(self, n_layers, n_kv_heads, head_dim, capacity, dtype, device):
