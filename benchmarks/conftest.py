@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceilings import copy_gbps  # noqa: E402
+from ceilings import copy_gbps, matmul_tflops  # noqa: E402
 
 from pdllm.environment import environment  # noqa: E402
 from pdllm.testing import HAS_CUDA  # noqa: E402
@@ -27,6 +27,13 @@ if importlib.util.find_spec("pytest_benchmark") is None:  # nothing to run them 
 # Filled by the benchmarks: {group: {impl: extra_info}}; printed at the end of the session.
 RESULTS: dict[str, dict[str, dict]] = {}
 CEILINGS: dict = {}
+E2E_RESULTS: dict[str, dict] = {}  # {method: bench_e2e.run_one's row}
+
+
+@pytest.fixture(scope="session")
+def e2e_results():
+    """{method: row} of the end-to-end benchmark, printed in the terminal summary."""
+    return E2E_RESULTS
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +48,9 @@ def gpu_ceilings():
     TFLOP/s (8192^3 on random data), each the median of triton.testing.do_bench."""
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
-    from triton.testing import do_bench
-
     if not CEILINGS:
         CEILINGS["copy_gbps"] = copy_gbps()
-        m = 8192
-        a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-        b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-        ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-        CEILINGS["matmul_bf16_tflops"] = 2 * m**3 / (ms * 1e-3) / 1e12
-        del a, b
+        CEILINGS["matmul_bf16_tflops"] = matmul_tflops()
         CEILINGS.update(environment())
         torch.cuda.empty_cache()
     return CEILINGS
@@ -61,9 +61,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if E2E_RESULTS:
+        tr.section("end to end, one request (8K context, 32 steps): the split of its time")
+        tr.write_line(f"{'method':<20}{'total s':>9}{'scoring s':>11}{'refresh ms':>12}{'capture ms':>12}"
+                      f"{'steady step ms':>16}{'sampler ms/step':>17}")
+        for method, r in E2E_RESULTS.items():
+            tr.write_line(f"{method:<20}{r['total_s']:>9.3f}{r['score_s']:>11.3f}{r['refresh_step_ms']:>12.1f}"
+                          f"{r['capture_step_ms'] or 0:>12.1f}{r['steady_step_ms'] or 0:>16.2f}"
+                          f"{r['sampler_ms_per_step']:>17.3f}")
+        tr.write_line("steps timed by CUDA events on the GPU's timeline (no host sync); steady = median of steps 2+")
     if not RESULTS:
         return
-    tr = terminalreporter
     tr.section("chunk attention kernels")
     tr.write_line(
         f"{CEILINGS.get('device')}: copy {CEILINGS['copy_gbps']:.0f} GB/s (read+write), "
@@ -71,21 +80,20 @@ def pytest_terminal_summary(terminalreporter):
         f"triton {CEILINGS.get('triton')}, driver {CEILINGS.get('driver')}"
     )
     others = ["sdpa_gather", "flex", "sdpa_dense"]
-    # The CUDA-graph timing first: it is the kernels' own time. do_bench launches one call at a
-    # time, so below a few hundred us it also counts the host's launch path (and the L2 flush's
-    # write-backs): read it as the time of an eager call, not of the kernel.
-    for key, label in (("time_us_rotating", "CUDA graph, rotating layers, no flush (kernel time)"),
-                       ("time_us", "do_bench, one launch at a time, L2 flushed (eager call: host launch path included)")):
-        pct = "pct_copy_bw" if key == "time_us" else "pct_copy_bw_rotating"
-        gb = "gbps" if key == "time_us" else "gbps_rotating"
-        tr.write_line(f"-- timing: {label}")
-        tr.write_line(f"{'shape':<14}{'pdllm us':>10}{'GB/s':>8}{'% copy':>8}" + "".join(f"{o + ' x':>15}" for o in others))
-        for group, impls in RESULTS.items():
-            ours = impls.get("pdllm")
-            if ours is None:
-                continue
-            line = f"{group:<14}{ours[key]:>10.1f}{ours[gb]:>8.0f}{ours[pct]:>8.1f}"
-            for o in others:
-                line += f"{impls[o][key] / ours[key]:>15.2f}" if o in impls else f"{'-':>15}"
-            tr.write_line(line)
-    tr.write_line("'<impl> x': that implementation's time over pdllm's (> 1: pdllm is faster)")
+    # GPU time: CUDA-graph replays of calls on rotating layers, no flush (the kernels' own time, what
+    # a decode step replayed from a graph pays). Eager call: do_bench, one launch at a time, L2
+    # flushed: below a few hundred us it times the host's launch path, not the kernel.
+    tr.write_line(f"{'shape':<14}{'GPU us':>9}{'GB/s':>8}{'% copy':>8}{'eager-call us':>15}"
+                  + "".join(f"{o + ' x':>15}" for o in others))
+    for group, impls in RESULTS.items():
+        ours = impls.get("pdllm")
+        if ours is None:
+            continue
+        line = (f"{group:<14}{ours['time_us_rotating']:>9.1f}{ours['gbps_rotating']:>8.0f}"
+                f"{ours['pct_copy_bw_rotating']:>8.1f}{ours['time_us']:>15.1f}")
+        for o in others:
+            line += f"{impls[o]['time_us_rotating'] / ours['time_us_rotating']:>15.2f}" if o in impls else f"{'-':>15}"
+        tr.write_line(line)
+    tr.write_line("GPU us: pdllm's time per call from CUDA-graph replays (pytest-benchmark's table above times the "
+                  "same); eager-call us: one launch at a time, host launch path included")
+    tr.write_line("'<impl> x': that implementation's GPU time over pdllm's (> 1: pdllm is faster)")

@@ -21,7 +21,8 @@ def main(path: str):
     contexts = sorted({r["context_tokens"] for r in runs})
     methods = list(dict.fromkeys(r["method"] for r in runs))
     batched = data.get("batched", [])
-    panels = len(contexts) + bool(batched)
+    floors = data.get("floors")
+    panels = len(contexts) + bool(batched) + bool(floors)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.8), sharey=False)
     for ax, n in zip(axes, contexts):
         rows = {r["method"]: r for r in runs if r["context_tokens"] == n}
@@ -48,6 +49,18 @@ def main(path: str):
                     va="bottom", fontsize=7)
         ax.set_xlabel("batch size")
         ax.set_title(f"{batched[0]['method']} at {batched[0]['context_tokens'] // 1024}K: output tok/s", fontsize=9)
+    if floors:  # the synthetic decode step of each block backend beside its two floors
+        ax = axes[len(contexts) + bool(batched)]
+        bars = {f"{b} (graph)": floors[b]["decode_step_graph_ms"] for b in ("eager", "compiled") if b in floors}
+        bars["GEMMs alone"] = floors["decode_gemm"]["gemm_ms"]
+        bars["weights at copy rate"] = floors["decode_gemm"]["weight_read_ms"]
+        ax.bar(list(bars), list(bars.values()), color=["tab:blue"] * (len(bars) - 2) + ["tab:gray", "tab:gray"])
+        for i, v in enumerate(bars.values()):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel("ms per decode step (32 rows, 4228 cached)", fontsize=7)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        best = max(floors[b]["scoring_linear_tflops"] for b in ("eager", "compiled") if b in floors)
+        ax.set_title(f"decode step vs floors; scoring {best:.0f} TFLOP/s", fontsize=9)
     env = data["environment"]
     fig.suptitle(f"LLaDA-8B shape, gen 32 / block 32 / 32 steps, top-4 x 1024 — {env.get('device', env.get('gpu'))}, "
                  f"torch {env['torch']}, triton {env['triton']} (speedup vs vanilla above bars)", fontsize=8)
