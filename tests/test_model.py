@@ -411,7 +411,7 @@ def test_unknown_block_backend(llada):
         with pytest.raises(ValueError, match="unknown block backend 'fused'"):
             llada(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
     finally:
-        llada.block_backend = "eager"
+        llada.block_backend = "auto"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

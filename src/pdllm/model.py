@@ -294,7 +294,7 @@ class MLP(nn.Module):
         return mlp(x, self.gate_up.weight, self.down.weight)
 
 
-BLOCK_BACKENDS = ("eager", "compiled")
+BLOCK_BACKENDS = ("auto", "eager", "compiled")  # auto: compiled on a GPU, eager elsewhere
 
 
 class Block(nn.Module):
@@ -308,7 +308,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa", block_backend="eager"):
-        first, second = _block_halves(block_backend)
+        first, second = _block_halves(block_backend, x.device)
         a = self.attn
         q, k, v = first(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias, *rope,
                         a.n_heads, a.n_kv_heads)
@@ -320,16 +320,18 @@ class Block(nn.Module):
 _COMPILED: dict = {}
 
 
-def _block_halves(block_backend: str):
+def _block_halves(block_backend: str, device: torch.device):
     """(attention_inputs, block_output) for a block backend. "compiled": torch.compile fuses each
     half's elementwise work (fp32 norm, RoPE, SiLU x up, residual adds) around its GEMMs. Shapes
     are dynamic after the first change, so a new length does not recompile. Where compiling is not
     possible (no compiler for the device), the eager functions run, with one warning."""
+    if block_backend == "auto":
+        block_backend = "compiled" if device.type == "cuda" else "eager"
     if block_backend == "eager":
         return attention_inputs, block_output
     if block_backend != "compiled":
         raise ValueError(f"unknown block backend {block_backend!r}; choose one of {BLOCK_BACKENDS}")
-    if not _COMPILED:
+    if "halves" not in _COMPILED:
         _COMPILED["halves"] = tuple(_compiled_or_eager(f) for f in (attention_inputs, block_output))
     return _COMPILED["halves"]
 
@@ -370,7 +372,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.attention_backend = "sdpa"  # see pdllm.attention.BACKENDS
-        self.block_backend = "eager"  # see BLOCK_BACKENDS: "compiled" fuses the elementwise work
+        self.block_backend = "auto"  # see BLOCK_BACKENDS: "compiled" fuses the elementwise work
         self.init_weights()
 
     @torch.no_grad()
