@@ -16,7 +16,7 @@ from pdllm.data.synthetic import (
     make_examples,
     make_grid,
 )
-from pdllm.data.toy_tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, save, special_ids
+from pdllm.data.toy_tokenizer import VOCAB_SPECIALS, build_toy_tokenizer, save, special_ids
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_haystack_has_no_answer_material(tok):
 
 def test_tokenizer_specials_and_size(tok):
     assert 1000 <= tok.get_vocab_size() <= 2000
-    for i, s in enumerate(SPECIAL_TOKENS):
+    for i, s in enumerate(VOCAB_SPECIALS):
         assert tok.token_to_id(s) == i
         assert tok.encode(f"x{s}y").ids[1] == i  # matched inside text as one token
     ids = special_ids(tok)

@@ -24,15 +24,16 @@ recomputed, the fresh response V, cached K/V elsewhere), the o-projection and th
 other row adds its cached attention and MLP outputs to the residual stream
 (x += attn_out; x += mlp_out), so the last hidden states, and the logits, exist for all rows.
 
-Where this follows the official code (notes/official_code.md, section B) rather than REFERENCE.md:
+Where the official code (its LLaDA and Dream hooks, cache_hook_LLaDA.py and cache_hook_Dream.py)
+and the method's usual summary disagree, this follows the code:
 
-* Layer 0 is NOT special. REFERENCE.md says "layer 0 always full"; the official hooks
-  (cache_hook_LLaDA.py, cache_hook_Dream.py) apply the same four cases to every layer. We follow
-  the code.
+* Layer 0 is NOT special. Summaries of the method say "layer 0 always full"; the official hooks
+  apply the same four cases to every layer.
 * The step counter is global per generate call (the official current_step; reset_cache runs
   once per sample).
-* Defaults K_p=100, K_r=8, rho=0.25 are REFERENCE.md's LongBench-HotpotQA values, which the
-  stored official code does not confirm; its LLaDA demo uses K_p=100, K_r=7, rho=0.25.
+* Defaults K_p=100, K_r=8, rho=0.25 are the LongBench-HotpotQA setting (gen 32, 32 steps) for
+  which the method reports its largest speedup (9.1x); the official code as read does not confirm
+  them, and its LLaDA demo uses K_p=100, K_r=7, rho=0.25.
 
 Deliberate differences from the official code:
 

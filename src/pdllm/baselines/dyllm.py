@@ -22,11 +22,11 @@ Forwards are counted over the whole generate call (``processed`` = forwards done
   official "attends the whole sentence periodically", which hard-codes 4 in both places;
   full_query_interval=1: always everything).
 
-Choices, with the official code as the reference (notes/official_code.md, section C):
+Choices, with the official code (its scheduler, attention kernel and scripts) as the reference:
 
 * num_full_steps is counted PER REQUEST, not per block: the official scheduler runs a sequence
-  dense while processed_steps < num_full_steps. REFERENCE.md says "of each block"; we follow the
-  code. Our default (4) is that of the official scripts/run_gsm8k.sh; the official library
+  dense while processed_steps < num_full_steps. Summaries of the method say the first
+  num_full_steps "of each block"; we follow the code. Our default (4) is that of the official scripts/run_gsm8k.sh; the official library
   default is 16.
 * Non-salient rows reuse their cached context entirely (the simplest faithful version). The
   official kernel instead gives every non-incoming query row the approximate context

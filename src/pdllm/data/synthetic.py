@@ -222,7 +222,10 @@ def piece_encoder(tokenizer) -> PieceEncoder:
 
 
 @dataclass
-class LongContextExample:
+class SyntheticExample:
+    """One generated task: the context text with its needles, the question and the answer (text;
+    eval.examples.BenchmarkExample is a benchmark's record, tokenizer.LongContextPrompt the ids)."""
+
     task: str
     context: str
     question: str
@@ -429,7 +432,7 @@ _MAKERS = {"passkey": _make_passkey, "multikey_needle": _make_multikey, "kv_look
 
 
 def make_example(task: str, context_tokens: int, depth: float | None = None, seed: int | str = 0,
-                 tokenizer=None, **task_kwargs) -> LongContextExample:
+                 tokenizer=None, **task_kwargs) -> SyntheticExample:
     """One example, fully determined by (task, context_tokens, depth, seed, task_kwargs).
 
     ``tokenizer``: a ``tokenizers.Tokenizer`` (or a :class:`PieceEncoder`) that measures length;
@@ -445,19 +448,19 @@ def make_example(task: str, context_tokens: int, depth: float | None = None, see
         depth = rng.random()
     enc = piece_encoder(tokenizer) if tokenizer is not None else PieceEncoder(None)
     fields = _MAKERS[task](rng, enc, int(context_tokens), float(depth), **task_kwargs)
-    return LongContextExample(task=task, target_tokens=int(context_tokens), depth=float(depth),
+    return SyntheticExample(task=task, target_tokens=int(context_tokens), depth=float(depth),
                               seed=f"{task}:{seed}", **fields)
 
 
 def make_examples(task: str, n: int, context_tokens: int, depth: float | None = None, seed: int = 0,
-                  tokenizer=None, **task_kwargs) -> list[LongContextExample]:
+                  tokenizer=None, **task_kwargs) -> list[SyntheticExample]:
     """``n`` examples; the i-th is ``make_example(..., seed=f"{seed}.{i}")``, so any one can be
     regenerated alone and sets with different seeds do not overlap."""
     return [make_example(task, context_tokens, depth, f"{seed}.{i}", tokenizer, **task_kwargs) for i in range(n)]
 
 
 def make_grid(task: str, lengths: Sequence[int], depths: Sequence[float], n_per_cell: int = 1, seed: int = 0,
-              tokenizer=None, **task_kwargs) -> dict[tuple[int, float], list[LongContextExample]]:
+              tokenizer=None, **task_kwargs) -> dict[tuple[int, float], list[SyntheticExample]]:
     """Examples on a (length x depth) grid: ``{(length, depth): [examples]}``, each cell with its
     own seeds (so cells are independent, and rerunning one cell reproduces it)."""
     return {
@@ -557,7 +560,7 @@ def corpus(seed: int = 0, n_sentences: int = 6000) -> Iterator[str]:
 
 
 __all__ = [
-    "TASKS", "QUESTIONS", "LongContextExample", "PieceEncoder", "piece_encoder", "haystack_pool",
+    "TASKS", "QUESTIONS", "SyntheticExample", "PieceEncoder", "piece_encoder", "haystack_pool",
     "haystack_sentence", "make_example", "make_examples", "make_grid", "corpus", "passkey_needle",
     "magic_needle", "KEY_ADJECTIVES", "KEY_NOUNS", "DOCUMENT_KINDS", "document_ids", "packed_sequence",
     "split_passages",

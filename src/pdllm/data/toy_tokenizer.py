@@ -21,14 +21,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pdllm.data.synthetic import corpus
+from pdllm.tokenizer import SPECIAL_TOKENS
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"  # also the pad token, as in LLaDA
-MASK = "<|mdm_mask|>"
+_LLADA = SPECIAL_TOKENS["llada"]  # the toy model speaks LLaDA's template, with LLaDA's strings
+BOS, EOS, MASK, EOT = _LLADA["bos"], _LLADA["eos"], _LLADA["mask"], _LLADA["eot"]  # EOS is also the pad token
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
-EOT = "<|eot_id|>"
-SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT]  # ids 0..5 in this order
+VOCAB_SPECIALS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT]  # the vocabulary's ids 0..5, in this order
 ROLES = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "mask_token": MASK}
 
 VOCAB_SIZE = 1536
@@ -44,7 +43,7 @@ def _build_json(seed: int, vocab_size: int) -> str:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=VOCAB_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -55,7 +54,7 @@ def _build_json(seed: int, vocab_size: int) -> str:
 def build_toy_tokenizer(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     """Train (once per process, then from a memo) and return a fresh ``Tokenizer``."""
     tok = Tokenizer.from_str(_build_json(seed, vocab_size))
-    for i, s in enumerate(SPECIAL_TOKENS):
+    for i, s in enumerate(VOCAB_SPECIALS):
         assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
     return tok
 
@@ -85,5 +84,5 @@ def save(out_dir: str | Path, tokenizer: Tokenizer | None = None, seed: int = 0)
     return path
 
 
-__all__ = ["build_toy_tokenizer", "save", "special_ids", "SPECIAL_TOKENS", "BOS", "EOS", "MASK",
+__all__ = ["build_toy_tokenizer", "save", "special_ids", "VOCAB_SPECIALS", "BOS", "EOS", "MASK",
            "START_HEADER", "END_HEADER", "EOT", "VOCAB_SIZE"]

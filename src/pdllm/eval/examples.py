@@ -15,7 +15,7 @@ class BenchmarkDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class LongContextExample:
+class BenchmarkExample:
     """One long-context request, split where pdllm's chunked prefill needs it.
 
     ``prefix + context + question`` is exactly the prompt the benchmark's own scripts build: the instruction

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from pdllm.eval.examples import (
     BenchmarkDataError,
-    LongContextExample,
+    BenchmarkExample,
     check_limit,
     read_jsonl,
     require,
@@ -173,7 +173,7 @@ def load_infinitebench(
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
     template_set: str = "open",
-) -> list[LongContextExample]:
+) -> list[BenchmarkExample]:
     """Read InfiniteBench examples from ``path``, a directory of ``<task>.jsonl`` files or one such file.
 
     ``tasks`` picks tasks (default: every task file the directory holds); ``limit`` keeps the first examples of
@@ -190,11 +190,11 @@ def load_infinitebench(
     return examples
 
 
-def _example(task: str, template: str, record: dict, where: str) -> LongContextExample:
-    """One record of ``<task>.jsonl`` as a LongContextExample."""
+def _example(task: str, template: str, record: dict, where: str) -> BenchmarkExample:
+    """One record of ``<task>.jsonl`` as a BenchmarkExample."""
     context = require(record, "context", str, "a string", where, _FIELDS)
     prefix, question = split_template(template, **_template_fields(task, record, where))
-    return LongContextExample(
+    return BenchmarkExample(
         id=str(require(record, "id", (int, str), "an integer or a string", where, _FIELDS)),
         task=task,
         prefix=prefix,

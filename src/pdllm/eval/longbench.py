@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pdllm.eval.examples import (
-    LongContextExample,
+    BenchmarkExample,
     check_limit,
     read_jsonl,
     require,
@@ -181,7 +181,7 @@ def load_longbench(
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
     longbench_e: bool = False,
-) -> list[LongContextExample]:
+) -> list[BenchmarkExample]:
     """Read LongBench examples from ``path``, a directory of ``<task>.jsonl`` files or one such file.
 
     ``tasks`` picks tasks (default: every task file the directory holds); ``limit`` keeps the first examples of
@@ -199,8 +199,8 @@ def load_longbench(
     return examples
 
 
-def _example(task: str, record: dict, where: str) -> LongContextExample:
-    """One record of ``<task>.jsonl`` as a LongContextExample."""
+def _example(task: str, record: dict, where: str) -> BenchmarkExample:
+    """One record of ``<task>.jsonl`` as a BenchmarkExample."""
     context = require(record, "context", str, "a string", where, _FIELDS)
     prefix, question = split_template(
         PROMPTS[task], input=require(record, "input", str, "a string", where, _FIELDS)
@@ -210,7 +210,7 @@ def _example(task: str, record: dict, where: str) -> LongContextExample:
     else:
         all_classes = record.get("all_classes")
     length = record.get("length")
-    return LongContextExample(
+    return BenchmarkExample(
         id=require(record, "_id", str, "a string", where, _FIELDS),
         task=task,
         prefix=prefix,
