@@ -73,7 +73,8 @@ class Script:
 
 def test_slot_zero_is_filled_from_the_first_forward_whatever_its_confidence():
     # slot 0 is the least confident slot of the first forward, and still filled first
-    script = Script(logits_of((2, 0.3), (3, 0.95), (4, 0.99), (5, 0.97)), logits_of((2, 0.3), (3, 0.1), (4, 0.6), (5, 0.2)))
+    script = Script(logits_of((2, 0.3), (3, 0.95), (4, 0.99), (5, 0.97)),
+                    logits_of((2, 0.3), (3, 0.1), (4, 0.6), (5, 0.2)))
     tokens = torch.full((1, 4), MASK)
     confirmed = unmask_by_confidence(script, tokens, MASK, rounds=1)
     assert tokens[0, 0] == 2

@@ -4,7 +4,8 @@ sparsity, and decoding against the selected chunks' KV (arXiv 2606.10537).
 The method, in the order it runs (``Prefill.begin``):
 
 1. **Chunking with BOS anchors.** The context is split into chunks of ``chunk_size`` tokens and a
-   BOS token is put in front of every chunk, so each chunk carries its own attention sink.
+   BOS token is put in front of every chunk, so each chunk carries its own attention sink
+   (``chunking="bos_in_chunk"``, the official code's: the BOS takes one of the chunk_size rows).
 2. **Scoring**, once, streamed chunk by chunk (memory O(chunk x score_batch) whatever the context
    length), the chunks of every request of a batch sharing forwards (grouped by shape):
    ``attention``: each chunk is encoded with the prefix, the query and the masked answer slots
@@ -19,6 +20,8 @@ The method, in the order it runs (``Prefill.begin``):
    likely it makes the draft: the mean log-probability of the draft tokens given prefix + [BOS +
    chunk] + query (masked likelihood for a bidirectional model like LLaDA, next-token
    likelihood of query + draft under a causal mask for an AR-initialised model like Dream).
+   The official code's draft and score are knobs too (``draft_decoder="confidence"``,
+   ``draft_scored="confirmed"``, ``draft_likelihood="leave_one_out"``; ``PrefillConfig.official``).
 3. **Top-K selection**: the K best chunks, kept in document order.
 4. **Token sparsity** (optional): inside each selected chunk keep the ``token_capacity`` tokens the
    query attends to most (SnapKV-style pooling), the BOS anchor always.
@@ -29,7 +32,8 @@ The method, in the order it runs (``Prefill.begin``):
    (``encode_once``) the decode reads that K/V, kept for the running top K while scoring, and no
    chunk is encoded a second time. Positions: ``continuous`` (selected chunks packed one after
    another), ``reuse`` (the positions each chunk had when encoded), ``absolute`` (its original
-   place in the BOS-anchored context).
+   place in the BOS-anchored context); ``position_grid="chunk_size"`` gives every chunk exactly
+   chunk_size positions whatever its length, as the official code does for Dream.
 6. **Decoding**: the sampler's steps run the answer block against the pool of prefix + selected
    chunks + query + answer (``ChunkKVCache``), through the Triton kernel on a GPU.
 
@@ -117,7 +121,8 @@ class PrefillConfig:
         if self.chunk_size < 1:
             problems.append(f"chunk_size={self.chunk_size} must be >= 1")
         if self.chunking == "bos_in_chunk" and self.chunk_bos and self.chunk_size < 2:
-            problems.append(f"chunking='bos_in_chunk' needs chunk_size >= 2 (the BOS takes one of its {self.chunk_size} rows)")
+            problems.append(f"chunking='bos_in_chunk' needs chunk_size >= 2 (the BOS takes one of its "
+                            f"{self.chunk_size} rows)")
         if self.top_k < 1:
             problems.append(f"top_k={self.top_k} must be >= 1 (use a K >= the number of chunks to keep all)")
         for name, value, allowed in (("score", self.score, SCORE_MODES), ("cache_mode", self.cache_mode, CACHE_MODES),
@@ -152,7 +157,8 @@ class PrefillConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_chunks(context: list[int], chunk_size: int, bos_id: int | None, chunking: str = "bos_added") -> list[list[int]]:
+def split_chunks(context: list[int], chunk_size: int, bos_id: int | None,
+                 chunking: str = "bos_added") -> list[list[int]]:
     """Consecutive pieces of chunk_size tokens (the last may be shorter), each led by bos_id.
 
     ``bos_added``: the BOS is an extra row (chunk_size + 1 rows, nothing lost). ``bos_in_chunk``
@@ -393,7 +399,8 @@ def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: Pre
         pos = torch.arange(T, device=dev).expand_as(idx)
         target = torch.tensor(draft, device=dev)
         if mode == "leave_one_out":
-            scores[ids] = _leave_one_out_logp(model, idx, keep.nonzero().squeeze(1) + P + C, cfg.score_batch).mean(1).cpu()
+            at = keep.nonzero().squeeze(1) + P + C  # the scored tokens' rows
+            scores[ids] = _leave_one_out_logp(model, idx, at, cfg.score_batch).mean(dim=1).cpu()
             continue
         if mode == "masked":
             logits = model(idx, pos, logits_slice=slice(T - d, T)).float()  # (B, d, V)
