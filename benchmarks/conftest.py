@@ -1,7 +1,7 @@
-"""Benchmark set-up: collect bench_*.py, measure the GPU's two ceilings once, print a summary.
+"""Benchmark set-up: measure the GPU's two ceilings once, print a summary.
 
 Run with ``pytest --benchmark`` (see the repository's conftest.py); plain ``pytest`` skips them.
-Without CUDA every benchmark is skipped. Triton and the kernels are imported lazily, inside
+pyproject's ``python_files`` collects bench_*.py. Without CUDA every benchmark is skipped (``gpu``). Triton and the kernels are imported lazily, inside
 fixtures, so that this file never imports triton before tests/conftest.py sets TRITON_INTERPRET.
 """
 

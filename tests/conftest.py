@@ -1,4 +1,4 @@
-"""Shared test set-up.
+"""Shared test set-up: the Triton interpreter on CPU, Hypothesis profiles, tiny checkpoints and models.
 
 Triton kernels run through the interpreter when there is no GPU: TRITON_INTERPRET must be set
 before triton is first imported, which is why it happens here, at the top of the first conftest.

@@ -1,0 +1,1 @@
+"""Data generated from a seed: the synthetic long-context tasks and the toy model's tokenizer."""

@@ -20,16 +20,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from pdllm.eval.examples import (
-    BenchmarkDataError,
-    BenchmarkExample,
-    check_limit,
-    read_jsonl,
-    require,
-    require_strings,
-    split_template,
-    task_files,
-)
+from pdllm.eval.examples import (BenchmarkDataError, BenchmarkExample, check_limit, read_jsonl, require, require_strings,
+                                 split_template, task_files)
 
 # prompt.py yarn_mistral_templates
 OPEN_TEMPLATES: dict[str, str] = {

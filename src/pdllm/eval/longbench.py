@@ -17,15 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from pdllm.eval.examples import (
-    BenchmarkExample,
-    check_limit,
-    read_jsonl,
-    require,
-    require_strings,
-    split_template,
-    task_files,
-)
+from pdllm.eval.examples import (BenchmarkExample, check_limit, read_jsonl, require, require_strings, split_template,
+                                 task_files)
 
 _MULTI_DOC_QA = (
     "Answer the question based on the given passages. Only give me the answer and do not output any "
