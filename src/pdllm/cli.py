@@ -39,6 +39,8 @@ def add_generation_args(p: argparse.ArgumentParser):
     f.add_argument("--cache-mode", default=None, choices=["full_prompt_mask", "chunk_query"], help="(full_prompt_mask)")
     f.add_argument("--positions", default=None, choices=["continuous", "reuse", "absolute"], help="(continuous)")
     f.add_argument("--no-chunk-bos", action="store_true", help="do not put a BOS anchor in front of each chunk")
+    f.add_argument("--chunk-parallel", action="store_true", help="under torchrun: each rank scores its share of "
+                   "the chunks (pdllm.distributed)")
     m = p.add_argument_group("model")
     m.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="HF checkpoint directory (default: the "
                    "embedded toy model)")
@@ -64,7 +66,8 @@ def method_kwargs(args) -> dict:
     if args.method != "prefill":
         return {}
     given = dict(chunk_size=args.chunk_size, top_k=args.top_k, score=args.score, token_capacity=args.token_capacity,
-                 cache_mode=args.cache_mode, positions=args.positions, chunk_bos=False if args.no_chunk_bos else None)
+                 cache_mode=args.cache_mode, positions=args.positions, chunk_bos=False if args.no_chunk_bos else None,
+                 chunk_parallel=args.chunk_parallel or None)
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -185,6 +188,10 @@ def main(argv=None) -> int:
         s.set_defaults(func=None, module=module)
 
     args, rest = parser.parse_known_args(argv)
+    from pdllm import distributed
+
+    if distributed.init():  # started by torchrun: join its process group; rank 0 prints
+        distributed.quiet_other_ranks()
     if args.func is None:  # delegated sub-commands parse their own arguments
         import importlib
 

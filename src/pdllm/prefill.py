@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdllm import distributed
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache
 from pdllm.graphs import StepGraph, capture, graphs_available
@@ -94,6 +95,7 @@ class PrefillConfig:
     position_grid: str = "lengths"  # see POSITION_GRIDS and build_layout
     slot0_logit: str = "rerun"  # Dream's cached steps: "rerun" the row before the block with it, or keep
     # that row's K/V and logit from the "block_start" re-encode (the official dual cache)
+    chunk_parallel: bool = False  # score the chunks across torch.distributed's ranks (torchrun); see pdllm.distributed
 
     @classmethod
     def official(cls, arch: str, **overrides) -> "PrefillConfig":
@@ -591,8 +593,11 @@ class Prefill:
         self.selected: list[list[int]] = []  # per request, for inspection and the visualiser
         self.scores: list[torch.Tensor] = []
         self.chunk_lengths: list[list[int]] = []
+        self.received = None  # a PrefillRecord to decode from instead of selecting (from_record)
 
     def begin(self, model, batch: Batch):
+        if self.received is not None:
+            return self.restore(model, batch)
         cfg, dev, G = self.cfg, model.device, batch.config.gen_length
         prompts = batch.prompts
         if not all(isinstance(p, LongContextPrompt) for p in prompts):
@@ -636,14 +641,21 @@ class Prefill:
             rows = sum(len(p.prefix) + len(p.query) + gen_length for p in prompts)
             rows += sum(min(cfg.top_k, len(cs)) * max(map(len, cs)) for cs in chunks)
             keep = StreamedTopK(ChunkKVCache.for_model(model, rows), cfg.top_k, chunks)
-        if cfg.score == "attention":
-            scores = score_requests_attention(model, prompts, chunks, cfg, slots, keep)
+        drafts = [draft_answer(model, p, cfg) for p in prompts] if cfg.score == "draft" else None
+
+        def score(part):  # the scores of part[b], a list of request b's chunks, for every request
+            if cfg.score == "attention":
+                return score_requests_attention(model, prompts, part, cfg, slots, keep)
+            return [score_chunks_draft(model, p, cs, d, cfg, s) for p, cs, (d, s) in zip(prompts, part, drafts)]
+
+        if cfg.chunk_parallel:  # each rank scores its share (balanced by tokens), then all-gather
+            weights = [[len(p.prefix) + len(c) + len(p.query) for c in cs] for p, cs in zip(prompts, chunks)]
+            scores, where = distributed.parallel_chunk_scores(score, chunks, weights)
         else:
-            scores = []
-            for p, cs in zip(prompts, chunks):
-                draft, scored = draft_answer(model, p, cfg)
-                scores.append(score_chunks_draft(model, p, cs, draft, cfg, scored))
+            scores = score(chunks)
         selected = [select_chunks(s, cfg.top_k) for s in scores]
+        if cfg.chunk_parallel and keep is not None:  # the selected chunks' K/V, from the ranks that scored them
+            distributed.share_kept_kv(keep, selected, where)
         kept = [{i: torch.arange(len(cs[i])) for i in sel} for cs, sel in zip(chunks, selected)]
         if cfg.token_capacity is not None:
             jobs, owner = [], []
@@ -676,10 +688,49 @@ class Prefill:
             else:
                 self.rows = [encode_chunk_query(model, self.cache, p, lay, self.cfg.chunk_query_window, pre)
                              for p, lay, pre in zip(prompts, layouts, prefixes)]
+        self._set_layouts(model, layouts, gen_length)
+
+    def _set_layouts(self, model, layouts, gen_length):
         self.cache.set_index(self.rows)
         self.layouts, self.gen_length = layouts, gen_length
-        self.tokens = [torch.tensor(lay.tokens, device=dev) for lay in layouts]
-        self.positions = [torch.tensor(lay.positions, device=dev) for lay in layouts]
+        self.tokens = [torch.tensor(lay.tokens, device=model.device) for lay in layouts]
+        self.positions = [torch.tensor(lay.positions, device=model.device) for lay in layouts]
+
+    # Prefill-decode disaggregation (pdllm.distributed): the state ``begin`` leaves is one record.
+
+    def record(self, model):
+        """After ``begin``: layouts, pool rows and the pool's K/V as a PrefillRecord (chunk_query: the
+        prefix and chunks are encoded; full_prompt_mask encodes at each block start: no K/V yet)."""
+        from dataclasses import asdict
+
+        used = self.cache.used if self.cfg.cache_mode == "chunk_query" else 0
+        k, v = (t.transpose(1, 2)[:, :used] for t in (self.cache.k, self.cache.v))  # the storage's (L, rows, Hkv, D)
+        return distributed.PrefillRecord(self.layouts, self.rows, k, v, self.cache.used, self.gen_length,
+                                         asdict(self.cfg), distributed.model_shape(model), self.selected,
+                                         self.scores, self.chunk_lengths, dict(self.stats))
+
+    @classmethod
+    def from_record(cls, record, cuda_graphs: bool = True) -> "Prefill":
+        """A method whose ``begin`` takes the selection and cache of a PrefillRecord instead of making them."""
+        method = cls(PrefillConfig(**record.config), cuda_graphs)
+        method.received = record
+        return method
+
+    def restore(self, model, batch: Batch):
+        rec = self.received
+        rec.check_model(model)
+        if len(batch.prompts) != len(rec.layouts) or batch.config.gen_length != rec.gen_length:
+            raise ValueError(f"the prefill record holds {len(rec.layouts)} requests for gen_length={rec.gen_length}; "
+                             f"decode it with its prompts (record.prompts()) and gen_length={rec.gen_length}")
+        self.graph = None
+        self.cache = ChunkKVCache.for_model(model, rec.pool_rows)
+        for pool, sent in ((self.cache.k, rec.k), (self.cache.v, rec.v)):
+            pool.transpose(1, 2)[:, : sent.shape[1]] = sent.to(model.device)
+        self.cache.used = rec.pool_rows
+        self.rows = [r.to(model.device) for r in rec.rows]
+        self._set_layouts(model, rec.layouts, rec.gen_length)
+        self.selected, self.scores, self.chunk_lengths = rec.selected, rec.scores, rec.chunk_lengths
+        self.stats = {**rec.stats, "reencode_s": 0.0, "from_record": True}
 
     def _refresh(self, model, group, first, last):
         """Re-encode what a block start re-encodes, for requests of one shape in one forward

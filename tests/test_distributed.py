@@ -1,0 +1,109 @@
+"""pdllm.distributed: several processes give what one process gives.
+
+The multi-process tests start real torchrun jobs (``python -m torch.distributed.run --standalone``,
+2 gloo processes on the CPU, tests/distributed_worker.py as each rank) with timeouts, and compare
+what every rank wrote with the same work done here in one process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdllm import distributed
+from pdllm.distributed import decode_record, load_record, owners, run_prefill, save_record
+from pdllm.prefill import Prefill
+from pdllm.sampler import generate
+from pdllm.testing import assert_close
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def torchrun(args, nproc=2, timeout=240):
+    """A torchrun job on this machine's CPU (gloo); returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_shares_are_contiguous_balanced_by_weight_and_may_leave_ranks_idle():
+    assert owners([1] * 8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert owners([6, 1, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1, 1]  # by weight, not by count
+    assert owners([1, 1], 4) == [0, 2]  # two chunks, four ranks: two of them idle
+    assert owners([], 3) == []
+    for n, size in ((1, 1), (5, 3), (17, 8)):
+        who = owners([1] * n, size)
+        assert who == sorted(who) and max(who) < size
+
+
+def test_chunk_parallel_in_one_process_is_the_plain_method(llada):
+    batch, _ = worker.batches(llada)
+    for knobs in worker.CASES.values():
+        assert worker.run(llada, batch, chunk_parallel=True, **knobs) == worker.run(llada, batch, **knobs)
+
+
+@pytest.mark.parametrize("model_name, knobs", [("llada", dict(cache_mode="chunk_query")),
+                                               ("llada", dict(cache_mode="full_prompt_mask", token_capacity=5)),
+                                               ("dream", dict(cache_mode="chunk_query", encode_once=False))])
+def test_a_saved_prefill_record_decodes_the_tokens_of_one_process(model_name, knobs, request, tmp_path):
+    model = request.getfixturevalue(model_name)
+    batch, _ = worker.batches(model)
+    whole = generate(model, batch, worker.GEN, method=Prefill(chunk_size=8, top_k=3, **knobs))
+    record = run_prefill(model, batch, worker.GEN, Prefill(chunk_size=8, top_k=3, **knobs))
+    save_record(record, tmp_path / "prefill.safetensors")
+    loaded = load_record(tmp_path / "prefill.safetensors")
+    assert (loaded.k.shape[1] > 0) == (knobs["cache_mode"] == "chunk_query")  # full_prompt_mask encodes at decode
+    out = decode_record(model, loaded, worker.GEN)
+    assert torch.equal(out.tokens, whole.tokens)
+    assert out.stats["selected"] == whole.stats["selected"] and out.stats["from_record"]
+
+
+def test_a_record_is_refused_by_another_model_or_gen_length_and_a_foreign_file_by_name(llada, dream, tmp_path):
+    from safetensors.torch import save_file
+
+    batch, _ = worker.batches(llada)
+    record = run_prefill(llada, batch, worker.GEN, Prefill(chunk_size=8, top_k=2, cache_mode="chunk_query"))
+    with pytest.raises(ValueError, match="same checkpoint and dtype"):
+        decode_record(dream, record, worker.GEN)
+    with pytest.raises(ValueError, match="gen_length=8"):
+        generate(llada, record.prompts(), worker.GEN.__class__(gen_length=4, block_length=4, steps=4),
+                 method=Prefill.from_record(record))
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(ValueError, match="not a pdllm prefill record"):
+        load_record(tmp_path / "weights.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_record(tmp_path / "junk.safetensors")
+
+
+def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_record(llada_dir, llada, tmp_path):
+    job = torchrun([WORKER, llada_dir, tmp_path, "select"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    batch, tiny = worker.batches(llada)
+    for name, knobs in [*worker.CASES.items(), ("idle_ranks", dict(top_k=2))]:
+        one = worker.run(llada, tiny if name == "idle_ranks" else batch, **knobs)
+        for got in ranks:  # every rank selected the same chunks and decoded the same answer as one process
+            assert got[name]["tokens"] == one["tokens"], name
+            assert got[name]["selected"] == one["selected"], name
+            for a, b in zip(got[name]["scores"], one["scores"]):
+                assert_close(torch.tensor(a), torch.tensor(b), torch.float32)
+        assert ranks[0][name]["scores"] == ranks[1][name]["scores"]  # gathered copies: bitwise the same
+    sent = worker.run(llada, batch, top_k=3, cache_mode="chunk_query")
+    assert ranks[1]["decoded_from_record"] == sent["tokens"]
+
+
+def test_a_rank_that_stops_answering_ends_the_job_with_a_clear_error(llada_dir, tmp_path):
+    t0 = time.perf_counter()
+    job = torchrun([WORKER, llada_dir, tmp_path, "hang"], timeout=120)
+    assert job.returncode != 0
+    assert "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2" in job.stderr
+    assert time.perf_counter() - t0 < 60  # the 5 s timeout, not rank 1's 60 s sleep
