@@ -353,3 +353,19 @@ def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name
     if model.cfg.logit_shift:
         ref = torch.cat([steps.seen[0][1][:, :1], ref[:, :-1]], dim=1)
     assert_close(steps.seen[1][1], ref)
+
+
+def test_cli_preset_takes_the_given_flags_on_top_and_pdllm_defaults_without_it(dream):
+    from argparse import Namespace
+
+    from pdllm.cli import generation_config, make_cli_method
+
+    flags = dict(method="prefill", chunk_size=16, top_k=None, score=None, token_capacity=None, cache_mode=None,
+                 positions="reuse", no_chunk_bos=False, gen_length=32, block_length=32, steps=32, threshold=None,
+                 temperature=0.0, remasking="low_confidence", cfg_scale=0.0)
+    preset = Namespace(**flags, preset="official")
+    assert make_cli_method(preset, dream).cfg == PrefillConfig.official("dream", chunk_size=16, positions="reuse")
+    assert generation_config(preset).threshold == 0.9
+    plain = Namespace(**flags, preset=None)
+    assert make_cli_method(plain, dream).cfg == PrefillConfig(chunk_size=16, positions="reuse")
+    assert generation_config(plain).threshold is None
