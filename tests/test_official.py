@@ -356,16 +356,16 @@ def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name
 
 
 def test_cli_preset_takes_the_given_flags_on_top_and_pdllm_defaults_without_it(dream):
-    from argparse import Namespace
+    import argparse
 
-    from pdllm.cli import generation_config, make_cli_method
+    from pdllm.cli import add_generation_args, generation_config, make_cli_method
 
-    flags = dict(method="prefill", chunk_size=16, top_k=None, score=None, token_capacity=None, cache_mode=None,
-                 positions="reuse", no_chunk_bos=False, gen_length=32, block_length=32, steps=32, threshold=None,
-                 temperature=0.0, remasking="low_confidence", cfg_scale=0.0)
-    preset = Namespace(**flags, preset="official")
+    parser = argparse.ArgumentParser()
+    add_generation_args(parser)
+    flags = ["--method", "prefill", "--chunk-size", "16", "--positions", "reuse"]
+    preset = parser.parse_args(flags + ["--preset", "official"])
     assert make_cli_method(preset, dream).cfg == PrefillConfig.official("dream", chunk_size=16, positions="reuse")
     assert generation_config(preset).threshold == 0.9
-    plain = Namespace(**flags, preset=None)
+    plain = parser.parse_args(flags)
     assert make_cli_method(plain, dream).cfg == PrefillConfig(chunk_size=16, positions="reuse")
     assert generation_config(plain).threshold is None
