@@ -27,7 +27,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def local_task(tmp_path_factory):
-    from pdllm.cli import EMBEDDED_MODEL
+    from pdllm.loading import EMBEDDED_MODEL
     from pdllm.data.synthetic import make_examples
     from pdllm.tokenizer import Tokenizer
 

@@ -315,10 +315,10 @@ def test_cli_preset_official(checkpoint, tmp_path, capsys, request):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[prefill]" in err and "selected chunks" in err
-    with pytest.raises(SystemExit, match="--method prefill"):
-        main([a if a != "prefill" else "dual" for a in args])
-    with pytest.raises(SystemExit, match="greedily"):
-        main(args + ["--temperature", "0.5"])
+    assert main([a if a != "prefill" else "dual" for a in args]) == 2  # a user error: one line, exit 2
+    assert "use it with --method prefill" in capsys.readouterr().err
+    assert main(args + ["--temperature", "0.5"]) == 2
+    assert "greedily" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
@@ -355,17 +355,14 @@ def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name
     assert_close(steps.seen[1][1], ref)
 
 
-def test_cli_preset_takes_the_given_flags_on_top_and_pdllm_defaults_without_it(dream):
-    import argparse
+def test_cli_preset_takes_the_given_flags_on_top_and_pdllm_defaults_without_it():
+    from pdllm.cli import PRESETS, build_parser, generation_config, make_cli_method
 
-    from pdllm.cli import add_generation_args, generation_config, make_cli_method
-
-    parser = argparse.ArgumentParser()
-    add_generation_args(parser)
-    flags = ["--method", "prefill", "--chunk-size", "16", "--positions", "reuse"]
-    preset = parser.parse_args(flags + ["--preset", "official"])
-    assert make_cli_method(preset, dream).cfg == PrefillConfig.official("dream", chunk_size=16, positions="reuse")
-    assert generation_config(preset).threshold == 0.9
-    plain = parser.parse_args(flags)
-    assert make_cli_method(plain, dream).cfg == PrefillConfig(chunk_size=16, positions="reuse")
+    argv = ["generate", "--method", "prefill", "--chunk-size", "16", "--positions", "reuse"]
+    with_preset, preset = build_parser().parse_args(argv + ["--preset", "official"]), PRESETS["official"]()
+    assert make_cli_method(with_preset, "dream", preset).cfg == PrefillConfig.official("dream", chunk_size=16,
+                                                                                       positions="reuse")
+    assert generation_config(with_preset, preset).threshold == 0.9
+    plain = build_parser().parse_args(argv)
+    assert make_cli_method(plain, "dream", None).cfg == PrefillConfig(chunk_size=16, positions="reuse")
     assert generation_config(plain).threshold is None

@@ -1,97 +1,326 @@
-"""The ``pdllm`` command: generate, demo, eval, tune, train-toy."""
+"""The ``pdllm`` command: generate, demo, eval, tune, train-toy.
+
+The thinnest layer over the library: it parses, checks every knob before the model loads (an 8B
+checkpoint takes minutes), and calls pdllm.loading, pdllm.methods and pdllm.sampler. A user error
+is one line ``pdllm: error: ...`` on stderr and exit status 2; ``--debug`` anywhere on the command
+line (or PDLLM_DEBUG=1) shows the traceback instead. A warning is one line ``pdllm: warning: ...``.
+
+Flags are derived, not written out: every field of GenerationConfig is a decoding flag, and every
+knob of every registered method (pdllm.methods.METHODS: the keywords of its __init__, and the
+fields of a config dataclass it takes, such as PrefillConfig) is one flag, ``--chunk-size`` for
+``chunk_size``; a bool is ``--x`` / ``--no-x``, ``none`` gives None to an optional knob. A knob
+left out keeps the config's default (or the preset's). ``choices=`` come from the modes tuples in
+CHOICES. A field added to a config gets its flag with no change here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import os
 import sys
+import typing
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-METHODS = ("vanilla", "prefix", "dual", "prefill", "dllm_cache", "dyllm")
-EMBEDDED_MODEL = Path(__file__).parent / "assets" / "toy"
+from pdllm.loading import EMBEDDED_MODEL, check_device, check_dtype, default_device, load_model
+
+DEBUG_ENV = "PDLLM_DEBUG"
+CLI_DEFAULTS = {"gen_length": 32, "steps": 32}  # the command answers short questions: 32 tokens, 32 steps
 
 
-def default_device() -> str:
-    import torch
+class UsageError(Exception):
+    """A problem with what the user asked for; the message names the flag or file and the fix."""
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+class ArgumentError(SystemExit):
+    """A bad command line, already reported in one line by ArgumentParser.error (exit status 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `pdllm: error: ...` (no usage dump), then exit status 2."""
+
+    def error(self, message):
+        print(f"pdllm: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise ArgumentError(2)
+
+
+def _choices() -> dict[str, tuple]:
+    """Knob name -> its allowed values (the tuples the configs validate against)."""
+    from pdllm import prefill, sampler
+
+    return {"remasking": sampler.REMASKING, "score": prefill.SCORE_MODES, "cache_mode": prefill.CACHE_MODES,
+            "positions": prefill.POSITION_MODES, "chunking": prefill.CHUNKINGS,
+            "draft_decoder": prefill.DRAFT_DECODERS, "draft_likelihood": prefill.DRAFT_LIKELIHOODS,
+            "position_grid": prefill.POSITION_GRIDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Knobs: derived from the config dataclasses and the methods' keywords
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Knob:
+    name: str  # the keyword (chunk_size); the flag is --chunk-size
+    type: Any  # int, float, str or bool
+    optional: bool  # None is allowed (given as `none`)
+    default: Any
+    methods: list[str] = dataclasses.field(default_factory=list)  # the methods that take it (none: decoding)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _knob(name: str, hint, default) -> Knob | None:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base not in (int, float, str, bool):
+        return None  # not a command-line value (an object, a callable): set it from Python
+    return Knob(name, base, optional, default)
+
+
+def config_knobs(cls) -> list[Knob]:
+    """One knob per field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    knobs = (_knob(f.name, hints[f.name], f.default) for f in dataclasses.fields(cls))
+    return [k for k in knobs if k is not None]
+
+
+def method_knobs(cls) -> list[Knob]:
+    """The knobs of a method class: its __init__ keywords, and the fields of a dataclass it takes."""
+    hints = typing.get_type_hints(cls.__init__)
+    knobs = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        inner = [a for a in typing.get_args(hints.get(name)) or [hints.get(name)] if dataclasses.is_dataclass(a)]
+        if inner:
+            knobs += config_knobs(inner[0])
+        elif (k := _knob(name, hints.get(name), param.default)) is not None:
+            knobs.append(k)
+    return knobs
+
+
+def all_method_knobs() -> dict[str, Knob]:
+    """Every method's knobs by name; a name that two methods share is one flag."""
+    from pdllm.methods import METHODS
+
+    knobs: dict[str, Knob] = {}
+    for method, cls in METHODS.items():
+        for k in method_knobs(cls):
+            knobs.setdefault(k.name, k).methods.append(method)
+    return knobs
+
+
+def _value_parser(knob: Knob, choices: tuple | None):
+    def parse(text: str):
+        if knob.optional and text.lower() == "none":
+            return None
+        value = knob.type(text)
+        if choices is not None and value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {text!r} (choose from {', '.join(str(c).lower() for c in choices)})")
+        return value
+    parse.__name__ = knob.type.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def add_knob(group, knob: Knob, default=None):
+    """--flag for a knob; left out, the attribute is absent (the config's or preset's default applies)."""
+    choices = _choices().get(knob.name)
+    shown = knob.default if default is None else default
+    shown = "-" if shown is dataclasses.MISSING else shown
+    where = f" [--method {', '.join(knob.methods)}]" if knob.methods else ""
+    help_ = f"default: {str(shown).lower() if shown is None else shown}{where}"
+    if knob.type is bool:
+        group.add_argument(knob.flag, dest=knob.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_)
+        return
+    metavar = "{" + ",".join(str(c).lower() for c in choices) + "}" if choices else knob.type.__name__.upper()
+    group.add_argument(knob.flag, dest=knob.name, type=_value_parser(knob, choices), default=argparse.SUPPRESS,
+                       metavar=metavar, help=help_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: a named starting point for a method's knobs (given flags go on top)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preset:
+    method: str  # the method it configures
+    config: Callable[[str], Any]  # (model arch, **given knobs) -> the method object
+    generation: dict  # GenerationConfig fields it sets unless given on the command line
+    prompt: Callable | None = None  # (tokenizer, context, question) -> prompt; None: the chat template
+    generate: Callable | None = None  # (model, prompts, config, method) -> GenerationOutput; None: sampler.generate
+    greedy_only: bool = False
+    help: str = ""
+
+
+def _official_preset() -> Preset:
+    from pdllm.official import OFFICIAL_GENERATION, generate_official, plain_long_context_prompt
+    from pdllm.prefill import Prefill, PrefillConfig
+    from pdllm.tokenizer import DEFAULT_INSTRUCTION, DEFAULT_QUESTION
+
+    return Preset(
+        method="prefill",
+        config=lambda arch, **knobs: Prefill(PrefillConfig.official(arch, **knobs)),
+        generation={"threshold": OFFICIAL_GENERATION["threshold"]},
+        prompt=lambda tok, context, question: plain_long_context_prompt(tok, context, question, DEFAULT_INSTRUCTION,
+                                                                        DEFAULT_QUESTION),
+        generate=generate_official, greedy_only=True)
+
+
+# name -> a function building the Preset (lazy: a preset's modules load only when it is used)
+PRESETS: dict[str, Callable[[], Preset]] = {"official": _official_preset}
+PRESET_HELP = {"official": "the official code's selection (PrefillConfig.official for the model's arch), its prompt "
+                           "without chat template, its answer path (pdllm.official.generate_official), threshold "
+                           "0.9 unless given"}
+
+
+# ---------------------------------------------------------------------------------------------
+# pdllm generate
+# ---------------------------------------------------------------------------------------------
 
 
 def add_generation_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("decoding")
-    g.add_argument("--gen-length", type=int, default=32)
-    g.add_argument("--block-length", type=int, default=32)
-    g.add_argument("--steps", type=int, default=32, help="denoising steps over all blocks")
-    g.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold (e.g. 0.9)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
-    g.add_argument("--cfg-scale", type=float, default=0.0)
-    g.add_argument("--method", default="dual", choices=METHODS)
-    f = p.add_argument_group("Prefilling-dLLM (--method prefill; a knob left out takes PrefillConfig's default, "
-                             "or the preset's)")
-    f.add_argument("--preset", default=None, choices=["official"],
-                   help="official: the official code's selection (PrefillConfig.official for the model's arch), its "
-                   "prompt without chat template, its answer path (pdllm.official.generate_official), threshold 0.9 "
-                   "unless given")
-    f.add_argument("--chunk-size", type=int, default=None, help="(1024)")
-    f.add_argument("--top-k", type=int, default=None, help="(4)")
-    f.add_argument("--score", default=None, choices=["attention", "draft"], help="(attention)")
-    f.add_argument("--token-capacity", type=int, default=None)
-    f.add_argument("--cache-mode", default=None, choices=["full_prompt_mask", "chunk_query"], help="(full_prompt_mask)")
-    f.add_argument("--positions", default=None, choices=["continuous", "reuse", "absolute"], help="(continuous)")
-    f.add_argument("--no-chunk-bos", action="store_true", help="do not put a BOS anchor in front of each chunk")
-    f.add_argument("--chunk-parallel", action="store_true", help="under torchrun: each rank scores its share of "
-                   "the chunks (pdllm.distributed)")
+    from pdllm.methods import METHODS
+    from pdllm.sampler import GenerationConfig
+
+    g = p.add_argument_group("decoding (GenerationConfig)")
+    for knob in config_knobs(GenerationConfig):
+        add_knob(g, knob, CLI_DEFAULTS.get(knob.name))
+    g.add_argument("--method", default="dual", choices=tuple(METHODS))
+    g.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="; ".join(f"{name}: {PRESET_HELP.get(name, '')}" for name in PRESETS))
+    groups = {}
+    for knob in all_method_knobs().values():
+        owner = knob.methods[0]
+        if owner not in groups:
+            groups[owner] = p.add_argument_group(f"--method {owner}")
+        add_knob(groups[owner], knob)
     m = p.add_argument_group("model")
     m.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="HF checkpoint directory (default: the "
                    "embedded toy model)")
     m.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--device", default=None)
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if there is a GPU)")
 
 
-def generation_config(args):
+def given_knobs(args, knobs) -> dict:
+    return {k.name: getattr(args, k.name) for k in knobs if hasattr(args, k.name)}
+
+
+def generation_config(args, preset: Preset | None = None):
     from pdllm.sampler import GenerationConfig
 
-    threshold = args.threshold
-    if threshold is None and getattr(args, "preset", None) == "official":
-        from pdllm.official import OFFICIAL_GENERATION
-
-        threshold = OFFICIAL_GENERATION["threshold"]
-    return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                            temperature=args.temperature, remasking=args.remasking, threshold=threshold,
-                            cfg_scale=args.cfg_scale)
+    values = {**CLI_DEFAULTS, **(preset.generation if preset else {}), **given_knobs(args, config_knobs(GenerationConfig))}
+    return GenerationConfig(**values)
 
 
 def method_kwargs(args) -> dict:
-    """The prefill knobs given on the command line (the others keep the config's or preset's)."""
-    if args.method != "prefill":
-        return {}
-    given = dict(chunk_size=args.chunk_size, top_k=args.top_k, score=args.score, token_capacity=args.token_capacity,
-                 cache_mode=args.cache_mode, positions=args.positions, chunk_bos=False if args.no_chunk_bos else None,
-                 chunk_parallel=args.chunk_parallel or None)
-    return {k: v for k, v in given.items() if v is not None}
+    """The knobs of --method given on the command line; a knob of another method is an error."""
+    given = given_knobs(args, all_method_knobs().values())
+    for name, value in given.items():
+        knob = all_method_knobs()[name]
+        if args.method not in knob.methods:
+            raise UsageError(f"{knob.flag} is a knob of --method {', '.join(knob.methods)}; it does nothing with "
+                             f"--method {args.method}")
+    return given
 
 
-def make_cli_method(args, model):
+def make_cli_method(args, arch: str, preset: Preset | None):
     """The method object: by name with the given knobs, or the preset's config with them on top."""
     from pdllm.methods import make_method
 
-    if args.preset is None:
-        return make_method(args.method, **method_kwargs(args))
-    if args.method != "prefill":
-        raise SystemExit(f"error: --preset {args.preset} is a Prefilling-dLLM preset; use it with --method prefill")
-    from pdllm.prefill import Prefill, PrefillConfig
-
-    return Prefill(PrefillConfig.official(model.cfg.arch, **method_kwargs(args)))
+    kwargs = method_kwargs(args)
+    return make_method(args.method, **kwargs) if preset is None else preset.config(arch, **kwargs)
 
 
-def load_model(path, device: str | None = None, dtype: str | None = None):
-    """Model and tokenizer of a checkpoint directory; bf16 on a GPU, fp32 on a CPU unless told."""
-    from pdllm.model import from_pretrained
-    from pdllm.tokenizer import Tokenizer
+def read_text_file(path: str, flag: str) -> str:
+    """A user's text file, or one line naming the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: {'is not a regular file' if p.exists() else 'no such file'}")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag} {path}: not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from e
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be read ({e.strerror})") from e
 
-    device = device or default_device()
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return from_pretrained(path, dtype, device), Tokenizer.from_dir(path)
+
+def cmd_generate(args) -> int:
+    from pdllm.model import load_config
+    from pdllm.sampler import generate
+
+    # Everything the user gave is checked here, before the weights are read.
+    if args.context_file is not None or args.question is not None:
+        if args.context_file is None or args.question is None:
+            raise UsageError("--context-file and --question go together")
+        if args.prompt is not None or args.prompt_file is not None:
+            raise UsageError("give either --prompt/--prompt-file or --context-file/--question")
+        context = read_text_file(args.context_file, "--context-file")
+        if not context.strip():
+            raise UsageError(f"--context-file {args.context_file} is empty; give a document to answer from")
+        if not args.question.strip():
+            raise UsageError("--question is empty; ask something about the context")
+    elif args.prompt is None and args.prompt_file is None:
+        raise UsageError("give --prompt TEXT, --prompt-file F, or --context-file F with --question Q")
+    else:
+        if args.prompt is not None and args.prompt_file is not None:
+            raise UsageError("give --prompt or --prompt-file, not both")
+        text = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "--prompt-file")
+        if not text.strip():
+            raise UsageError("the prompt is empty; give --prompt TEXT")
+        if args.method == "prefill":
+            raise UsageError("--method prefill needs --context-file and --question (it chunks the context)")
+    preset = PRESETS[args.preset]() if args.preset else None
+    if preset is not None and args.method != preset.method:
+        raise UsageError(f"--preset {args.preset} is a preset of --method {preset.method}; "
+                         f"use it with --method {preset.method}")
+    config = generation_config(args, preset)
+    if preset is not None and preset.greedy_only and (config.temperature != 0 or config.cfg_scale != 0):
+        raise UsageError(f"--preset {args.preset} decodes greedily by threshold: drop --temperature/--cfg-scale")
+    cfg = load_config(args.model)  # config.json only: the arch for a preset, and a bad checkpoint fails now
+    method = make_cli_method(args, cfg.arch, preset)
+    device = check_device(args.device or default_device())
+    if args.dtype is not None:
+        check_dtype(args.dtype)
+
+    model, tok = load_model(args.model, device, args.dtype)
+    if args.context_file is not None and preset is not None and preset.prompt is not None:
+        prompt = preset.prompt(tok, context, args.question)
+    elif args.context_file is not None:
+        prompt = tok.long_context_prompt(context, args.question)
+    else:
+        prompt = tok.chat(text)
+    total = config.gen_length if config.threshold is not None else config.steps
+    progress = StepProgress(total, tok, visual=args.visual)
+    if preset is not None and preset.generate is not None:
+        out = preset.generate(model, [prompt], config, method)
+    else:
+        out = generate(model, [prompt], config, method=method, callback=progress)
+    progress.close()
+    if args.visual and args.method == "prefill":
+        from pdllm.visual import render_selection
+
+        print(render_selection(method.scores[0], method.selected[0], method.chunk_lengths[0]), file=sys.stderr)
+    print(tok.decode(out.tokens[0]))
+    s = out.stats
+    extra = ""
+    if args.method == "prefill":
+        extra = f"  selected chunks {s['selected'][0]} of {s['chunks'][0]}  score {s['score_s']:.3f}s  " \
+                f"build {s['build_s']:.3f}s"
+    n_prompt = len(prompt.token_ids()) if hasattr(prompt, "token_ids") else len(prompt)
+    print(f"[{args.method}] prompt {n_prompt} tokens  gen {config.gen_length}  nfe {out.nfe}  "
+          f"total {s['total_s']:.3f}s  decode {s['decode_s']:.3f}s{extra}", file=sys.stderr)
+    return 0
 
 
 class StepProgress:
@@ -114,62 +343,15 @@ class StepProgress:
         self.bar.close()
 
 
-def cmd_generate(args) -> int:
-    from pdllm.sampler import generate
-
-    if args.context_file is not None or args.question is not None:
-        if args.context_file is None or args.question is None:
-            raise SystemExit("error: --context-file and --question go together")
-        if args.prompt is not None or args.prompt_file is not None:
-            raise SystemExit("error: give either --prompt/--prompt-file or --context-file/--question")
-    elif args.prompt is None and args.prompt_file is None:
-        raise SystemExit("error: give --prompt TEXT, --prompt-file F, or --context-file F with --question Q")
-    model, tok = load_model(args.model, args.device, args.dtype)
-    config = generation_config(args)
-    if args.context_file is not None and args.preset == "official":  # its LongBench prompt: [BOS] + text, no template
-        from pdllm.official import plain_long_context_prompt
-        from pdllm.tokenizer import DEFAULT_INSTRUCTION, DEFAULT_QUESTION
-
-        prompt = plain_long_context_prompt(tok, Path(args.context_file).read_text(), args.question,
-                                           DEFAULT_INSTRUCTION, DEFAULT_QUESTION)
-    elif args.context_file is not None:
-        prompt = tok.long_context_prompt(Path(args.context_file).read_text(), args.question)
-    else:
-        text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
-        if args.method == "prefill":
-            raise SystemExit("error: --method prefill needs --context-file and --question (it chunks the context)")
-        prompt = tok.chat(text)
-    total = config.gen_length if config.threshold is not None else config.steps
-    progress = StepProgress(total, tok, visual=args.visual)
-    method = make_cli_method(args, model)
-    if args.preset == "official":  # the official generate's answer path: slot 0 first, [MASK] drawable
-        from pdllm.official import generate_official
-
-        if config.temperature != 0 or config.cfg_scale != 0:
-            raise SystemExit("error: --preset official decodes greedily by threshold: drop --temperature/--cfg-scale")
-        out = generate_official(model, [prompt], config, method)
-    else:
-        out = generate(model, [prompt], config, method=method, callback=progress)
-    progress.close()
-    if args.visual and args.method == "prefill":
-        from pdllm.visual import render_selection
-
-        print(render_selection(method.scores[0], method.selected[0], method.chunk_lengths[0]), file=sys.stderr)
-    print(tok.decode(out.tokens[0]))
-    s = out.stats
-    extra = ""
-    if args.method == "prefill":
-        extra = f"  selected chunks {s['selected'][0]} of {s['chunks'][0]}  score {s['score_s']:.3f}s  " \
-                f"build {s['build_s']:.3f}s"
-    n_prompt = len(prompt.token_ids()) if hasattr(prompt, "token_ids") else len(prompt)
-    print(f"[{args.method}] prompt {n_prompt} tokens  gen {config.gen_length}  nfe {out.nfe}  "
-          f"total {s['total_s']:.3f}s  decode {s['decode_s']:.3f}s{extra}", file=sys.stderr)
-    return 0
+# ---------------------------------------------------------------------------------------------
+# Entry point: parse, run, and turn user errors into one line
+# ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pdllm", description="Prefilling-dLLM for LLaDA-style diffusion LLMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="pdllm", description="Prefilling-dLLM for LLaDA-style diffusion LLMs",
+                            epilog="--debug (anywhere) or PDLLM_DEBUG=1: show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     g = sub.add_parser("generate", help="answer one prompt")
     g.add_argument("--prompt", default=None)
@@ -186,7 +368,11 @@ def main(argv=None) -> int:
                                 ("eval", "pdllm.eval.harness", "accuracy grids, ablations, LongBench/InfiniteBench")):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.set_defaults(func=None, module=module)
+    return parser
 
+
+def _run(argv) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     from pdllm import distributed
 
@@ -199,6 +385,44 @@ def main(argv=None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    from tqdm import tqdm  # tqdm.write: the line goes above a progress bar, not into it
+
+    text = " ".join(str(message).split()).removeprefix("pdllm: ")
+    tqdm.write(f"pdllm: warning: {text}", file=sys.stderr if file is None else file)
+
+
+def main(argv=None) -> int:
+    from pdllm.autotune.configs import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return _run(argv)
+    except (UsageError, ValueError, OSError, ConfigError) as e:  # CheckpointError and ConfigError are ValueErrors
+        if debug:
+            raise
+        print(f"pdllm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ArgumentError:  # already printed
+        return 2
+    except SystemExit as e:  # a delegated command's `raise SystemExit("error: ...")`
+        if debug or not isinstance(e.code, str):
+            raise
+        print(f"pdllm: error: {' '.join(e.code.split()).removeprefix('error: ')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("pdllm: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ The default model is the small one embedded in the package (see its model card).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -19,12 +18,14 @@ METHODS = ("vanilla", "dual", "prefill")
 
 
 def main(argv=None) -> int:
-    from pdllm.cli import EMBEDDED_MODEL, load_model
+    from pdllm.loading import EMBEDDED_MODEL, load_model
     from pdllm.data.synthetic import TASKS, make_example
     from pdllm.eval.harness import DEFAULT_PREFILL
     from pdllm.sampler import GenerationConfig, generate
 
-    p = argparse.ArgumentParser(prog="pdllm demo", description=__doc__.split("\n\n")[0])
+    from pdllm.cli import ArgumentParser
+
+    p = ArgumentParser(prog="pdllm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     p.add_argument("--device", default=None)
     p.add_argument("--questions", type=int, default=1, help="questions per task and length")

@@ -32,7 +32,7 @@ class PdllmLM(LM):
                  gen_length: int | None = None, query_tokens: int = 64, batch_size: int | str = 1,
                  max_batch_size: int | None = None, **method_kwargs):
         super().__init__()
-        from pdllm.cli import EMBEDDED_MODEL, load_model
+        from pdllm.loading import EMBEDDED_MODEL, load_model
         from pdllm.methods import make_method
 
         path = pretrained or EMBEDDED_MODEL

@@ -21,6 +21,7 @@ same way. Names resolve through pdllm.methods, the registry; this module imports
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,14 @@ from pdllm.cache import DenseKVCache
 from pdllm.graphs import capture, graphs_available
 
 REMASKING = ("low_confidence", "random")
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str):
+    """A UserWarning shown once per process: a loop over requests must not repeat it."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 @dataclass
@@ -58,6 +67,9 @@ class GenerationConfig:
             problems.append("temperature and cfg_scale must be >= 0")
         if problems:
             raise ValueError("invalid generation config: " + "; ".join(problems))
+        if self.threshold is None and self.steps > self.gen_length:
+            warn_once("steps", f"steps={self.steps} is more than gen_length={self.gen_length}: a step unmasks at "
+                      f"least one token, so decoding takes {self.gen_length} steps (set steps <= gen_length)")
 
     @property
     def num_blocks(self) -> int:
@@ -139,6 +151,10 @@ def make_batch(model, prompts, config: GenerationConfig, pad_id: int) -> Batch:
     if any(len(r) == 0 for r in rows):
         raise ValueError("empty prompt: every prompt needs at least one token")
     P, mask_id = max(map(len, rows)), model.cfg.mask_id
+    if P + config.gen_length > model.cfg.max_positions:
+        warn_once("positions", f"the request is {P + config.gen_length} tokens (prompt {P} + answer "
+                  f"{config.gen_length}), more than the {model.cfg.max_positions} positions the model was trained on "
+                  "(config.json max_sequence_length or max_position_embeddings); answers may degrade")
     x, valid, pos = left_pad([r + [mask_id] * config.gen_length for r in rows], pad_id)
     dev = model.device
     key_mask = None if valid.all() else valid.to(dev)

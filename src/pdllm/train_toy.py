@@ -559,7 +559,9 @@ def run_recipe(args) -> int:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
-    ap = argparse.ArgumentParser(prog="pdllm train-toy", description=__doc__.split("\n\n")[0],
+    from pdllm.cli import ArgumentParser  # bad flags: one line, no usage dump
+
+    ap = ArgumentParser(prog="pdllm train-toy", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     ap.add_argument("--recipe", default=None, metavar="FILE", help="run the stages of this recipe file")

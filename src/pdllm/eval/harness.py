@@ -21,7 +21,6 @@ anchors, the depth curve, the ablations.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -447,10 +446,69 @@ def plot_report(report: dict, out_dir: Path):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    from pdllm.cli import EMBEDDED_MODEL, load_model
+def _list(text: str, flag: str, kind=str, allowed=None) -> list:
+    from pdllm.cli import UsageError
 
-    p = argparse.ArgumentParser(prog="pdllm eval", description=__doc__.split("\n\n")[0])
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        values = [kind(v) for v in items]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give comma-separated {kind.__name__} values") from None
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad:
+        raise UsageError(f"{flag}: unknown {', '.join(map(str, bad))}; choose from {', '.join(map(str, allowed))}")
+    return values
+
+
+def check_args(args):
+    """The eval command's flags, checked before anything is loaded or written: (methods, benchmark
+    examples or None for the synthetic grid)."""
+    from pdllm.cli import UsageError
+    from pdllm.data.synthetic import TASKS
+    from pdllm.methods import METHODS
+
+    methods = _list(args.methods, "--methods", allowed=tuple(METHODS))
+    for flag, value in (("--n", args.n), ("--ablation-n", args.ablation_n), ("--gen-length", args.gen_length),
+                        ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size), ("--top-k", args.top_k)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a file; give a directory for the results")
+    bench = args.longbench or args.infinitebench
+    if args.longbench and args.infinitebench:
+        raise UsageError("give --longbench DIR or --infinitebench DIR, not both (run them one after the other)")
+    if bench is None:
+        for flag, value in (("--limit", args.limit), ("--max-gen", args.max_gen)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --longbench/--infinitebench runs (the synthetic grid's size is --n)")
+        _list(args.tasks, "--tasks", allowed=tuple(TASKS)) if args.tasks else None
+        _list(args.lengths, "--lengths", int)
+        if not all(0 <= d <= 1 for d in _list(args.depths, "--depths", float)):
+            raise UsageError(f"--depths {args.depths}: depths are fractions of the context, in [0, 1]")
+        if args.ablations != "none":
+            _list(args.ablations, "--ablations", allowed=tuple(ABLATIONS))
+        return methods, None
+    flag = "--longbench" if args.longbench else "--infinitebench"
+    if not bench.exists():
+        raise UsageError(f"{flag} {bench}: no such directory (it should hold the benchmark's <task>.jsonl files)")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: give at least 1 example per task (leave --limit out for all)")
+    if args.max_gen is not None and args.max_gen < 1:
+        raise UsageError(f"--max-gen {args.max_gen}: must be >= 1")
+    from pdllm.eval import load_infinitebench, load_longbench
+
+    tasks = _list(args.tasks, "--tasks") if args.tasks else None
+    load = load_longbench if args.longbench else load_infinitebench
+    return methods, load(bench, tasks, args.limit)
+
+
+def main(argv=None) -> int:
+    from pdllm.cli import ArgumentParser
+    from pdllm.loading import EMBEDDED_MODEL, load_model
+
+    p = ArgumentParser(prog="pdllm eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--device", default=None)
@@ -481,22 +539,17 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark task")
     p.add_argument("--max-gen", type=int, default=None, help="cap on a benchmark task's answer length")
     args = p.parse_args(argv)
+    methods, examples = check_args(args)  # every flag and path, before the model loads or --out is made
 
     model, tok = load_model(args.model, args.device)
     device = str(model.device)
     prefill = {**DEFAULT_PREFILL, "chunk_size": args.chunk_size, "top_k": args.top_k}
-    methods = args.methods.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model.name, "device": torch.cuda.get_device_name(model.device) if device.startswith("cuda")
               else "cpu", "torch": torch.__version__, "prefill": prefill, "date": time.strftime("%Y-%m-%d"),
               "command": "pdllm eval " + " ".join(argv if argv is not None else sys.argv[1:])}
 
-    if args.longbench or args.infinitebench:
-        from pdllm.eval import load_infinitebench, load_longbench
-
-        tasks = args.tasks.split(",") if args.tasks else None
-        examples = (load_longbench(args.longbench, tasks, args.limit) if args.longbench
-                    else load_infinitebench(args.infinitebench, tasks, args.limit))
+    if examples is not None:
         report["benchmark"] = str(args.longbench or args.infinitebench)
         report["results"] = {m: run_benchmark(model, tok, examples, m, prefill, args.max_gen) for m in methods}
         (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
