@@ -1,5 +1,7 @@
-"""``python -m pdllm.autotune``: tune the chunk-attention kernels for this GPU (see tune.py)."""
+"""``python -m pdllm.autotune``: the same as ``pdllm tune`` (see tune.py)."""
 
-from pdllm.autotune.tune import main
+import sys
 
-raise SystemExit(main())
+from pdllm.cli import main
+
+raise SystemExit(main(["tune", *sys.argv[1:]]))

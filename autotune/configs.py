@@ -1,10 +1,12 @@
 """Tuned launch configurations: JSON data per GPU, looked up at run time.
 
-Files: ``autotune/configs/<device_key>.json`` (shipped as ``pdllm.autotune/configs``), written
-by ``python -m pdllm.autotune``. ``device_key`` is the CUDA device name with every character
+Files: ``<device_key>.json``, looked up first in the user's directory (``$PDLLM_CONFIG_DIR`` if
+set, else ``$XDG_CONFIG_HOME/pdllm/autotune``, i.e. ``~/.config/pdllm/autotune``), where ``pdllm
+tune`` writes by default, then in the tables shipped with the package (``autotune/configs/``,
+installed as ``pdllm.autotune/configs``; the tuner writes there only when told to with --out).
+``device_key`` is the CUDA device name with every character
 that is not a letter, digit, '.', '-' or '_' replaced by '_' (like vLLM's tuned MoE configs):
-"NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3". The directory can be overridden with the
-environment variable PDLLM_CONFIG_DIR.
+"NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3".
 
 File format (every key is checked on load; a problem raises ConfigError naming the file)::
 
@@ -69,8 +71,16 @@ def device_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.strip())
 
 
-def config_dir() -> Path:
-    return Path(os.environ.get("PDLLM_CONFIG_DIR", CONFIG_DIR))
+def user_config_dir() -> Path:
+    """Where the tuner writes and the lookup reads first: $PDLLM_CONFIG_DIR, else ~/.config/pdllm/autotune."""
+    if os.environ.get("PDLLM_CONFIG_DIR"):
+        return Path(os.environ["PDLLM_CONFIG_DIR"])
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pdllm" / "autotune"
+
+
+def config_dirs() -> tuple[Path, ...]:
+    """The directories the lookup reads, in order: the user's, then the shipped tables."""
+    return (user_config_dir(), CONFIG_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +127,10 @@ def load_config_file(path) -> dict:
     """Read and check one tuned-config file. Raises ConfigError(file: problem)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a JSON text file (undecodable byte at {e.start}); delete it and tune "
+                          "again") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
     except OSError as e:
@@ -139,14 +152,15 @@ _warned: set[str] = set()
 
 
 @functools.lru_cache(maxsize=None)
-def _table(key: str, directory: str):
-    path = Path(directory) / f"{key}.json"
-    if not path.exists():
+def _table(key: str, directories: tuple[str, ...]):
+    paths = [Path(d) / f"{key}.json" for d in directories]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
         if key not in _warned:
             _warned.add(key)
             warnings.warn(
-                f"pdllm: no tuned kernel configs for GPU '{key}' (looked for {path}); using defaults. "
-                "Run `python -m pdllm.autotune` to tune for it.",
+                f"pdllm: no tuned kernel configs for GPU '{key}' (looked for {' and '.join(map(str, paths))}); "
+                "using defaults. Run `pdllm tune` to tune for it.",
                 stacklevel=5,
             )
         return None
@@ -211,15 +225,15 @@ def get_config(kernel: str, device, *, kv_len: int, q_rows: int, head_dim: int, 
 
 def lookup(kernel: str, device_name: str, *, kv_len: int, q_rows: int, head_dim: int, group: int, dtype: torch.dtype,
            directory=None) -> dict:
-    """Config of the nearest bucket in ``<directory>/<device_key(device_name)>.json``.
+    """Config of the nearest bucket in ``<directory>/<device_key(device_name)>.json`` (default: config_dirs()).
 
     An unknown GPU (no file) warns once and gets ``default_config``; an ill-formed file raises
     ConfigError. The result holds BLOCK_N, num_warps, num_stages, and for chunk_attention
     num_splits (None: use the kernel's heuristic) and base_programs (see ``rescale_splits``).
     """
     cfg = default_config(kernel, head_dim)
-    entry = _nearest_in_table(kernel, device_key(device_name), str(directory or config_dir()),
-                              kv_len, q_rows, head_dim, group, dtype)
+    directories = (str(directory),) if directory is not None else tuple(map(str, config_dirs()))
+    entry = _nearest_in_table(kernel, device_key(device_name), directories, kv_len, q_rows, head_dim, group, dtype)
     if entry is not None:
         cfg.update(entry["config"])
         if kernel == "chunk_attention":
@@ -228,11 +242,11 @@ def lookup(kernel: str, device_name: str, *, kv_len: int, q_rows: int, head_dim:
 
 
 @functools.lru_cache(maxsize=4096)
-def _nearest_in_table(kernel, key, directory, kv_len, q_rows, head_dim, group, dtype):
+def _nearest_in_table(kernel, key, directories, kv_len, q_rows, head_dim, group, dtype):
     """The nearest entry of a table (None: no table, or no entry for the kernel), remembered: a
     model asks for the same few shapes at every layer and step, and this lookup is on the launch
     path of every eager call."""
-    table = _table(key, directory)
+    table = _table(key, directories)
     return None if table is None else nearest_entry(table.get(kernel, []), kv_len, q_rows, head_dim, group, dtype)
 
 

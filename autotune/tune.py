@@ -1,7 +1,8 @@
 """Sweep launch parameters of the chunk-attention kernels and write this GPU's config file.
 
-    python -m pdllm.autotune                       # the default grid (long: ~an hour on an H100)
-    python -m pdllm.autotune --kv-lens 4096 --q-rows 32 --head-dims 128 --groups 1 --dtypes bfloat16
+    pdllm tune                                     # the default grid (long: ~an hour on an H100)
+    pdllm tune --kv-lens 4096 --q-rows 32 --head-dims 128 --groups 1 --dtypes bfloat16
+    pdllm tune --device cpu                        # a smoke run of every step in the Triton interpreter
 
 For every shape bucket (context length of the selected KV, query rows, head_dim, GQA ratio, dtype)
 it builds a realistic problem (one batch row, about 32 query heads, the selected keys are
@@ -19,24 +20,26 @@ the model, where consecutive attention calls read different layers, one timed ca
 on each of several copies of the pool, enough that their selected K/V is 4x the L2 cache: a
 bucket that fits in L2 would otherwise rank configs by how well they use L2 hits, which the model
 never sees (and would favour configs with too few loads in flight). The winners go to
-``<out-dir>/<device_key>.json`` (merged with the buckets already there) together with the device,
+``<--out>/<device_key>.json``, by default in the user's config directory that the lookup reads
+first (pdllm.autotune.configs.user_config_dir: $PDLLM_CONFIG_DIR or ~/.config/pdllm/autotune;
+never the installed package), merged with the buckets already there, together with the device,
 driver, torch and triton versions and the date. ``--budget-s`` stops starting new buckets after
 that many seconds, so a sweep always ends with a valid file.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pdllm.autotune.configs import CONFIG_DIR, DTYPE_NAMES, device_key, load_config_file
+from pdllm.autotune.configs import DTYPE_NAMES, device_key, load_config_file, user_config_dir
 from pdllm.environment import environment as pdllm_environment
 
 TOTAL_HEADS = 32  # query heads of the tuning problems: Hkv = max(1, heads // group)
@@ -48,9 +51,18 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+# --device cpu with the default grid: this one (the interpreter runs the default grid for days).
+SMOKE_GRID = dict(kv_lens="40", q_rows="2", head_dims="16", groups="2", dtypes="float32", block_n="16,32",
+                  num_warps="2", num_stages="1", num_splits="1,2", heads=2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pdllm.autotune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    import argparse
+
+    from pdllm.cli import ArgumentParser
+
+    p = ArgumentParser(prog="pdllm tune", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default="chunk_attention,key_attention_mass")
     p.add_argument("--kv-lens", default="1024,4096,16384,65536", help="context lengths of the selected KV")
     p.add_argument("--q-rows", default="32,1,128", help="query rows per head (Tq)")
@@ -64,9 +76,30 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=TOTAL_HEADS, help="about this many query heads (Hkv = heads // group)")
     p.add_argument("--rep-ms", type=float, default=25.0)
     p.add_argument("--budget-s", type=float, default=None, help="start no new bucket after this many seconds")
-    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
-    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run in the Triton interpreter")
-    return p.parse_args(argv)
+    p.add_argument("--out", "--out-dir", dest="out_dir", type=Path, default=None,
+                   help="directory of the table (default: $PDLLM_CONFIG_DIR or ~/.config/pdllm/autotune, read first "
+                   "by the lookup)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda, or cpu for a smoke run in the Triton interpreter (a tiny grid unless one is given)")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        for key, value in SMOKE_GRID.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
+def use_interpreter():
+    """--device cpu runs the kernels in the Triton interpreter, which is chosen when a kernel module is
+    imported: set TRITON_INTERPRET=1 before that, or refuse if a kernel was already built natively."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    from pdllm.cli import UsageError
+
+    if any(name.startswith("pdllm.triton_kernels.") for name in sys.modules):
+        raise UsageError("--device cpu needs the Triton interpreter, and the kernels are already loaded without "
+                         "it; run with TRITON_INTERPRET=1 set")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,22 +311,33 @@ def write_table(path: Path, env: dict, results: dict, grid: dict):
 
 
 def main(argv=None) -> int:
+    """The tuner; errors are UsageError / ConfigError (``pdllm tune`` prints them as one line).
+    Returns 1 when every candidate of every bucket failed (nothing written)."""
+    from pdllm.cli import UsageError
+
     args = parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        print("pdllm.autotune: no CUDA GPU here; nothing to tune (use --device cpu for an interpreter smoke run)",
-              file=sys.stderr)
-        return 2
+        raise UsageError("no CUDA GPU here; nothing to tune (--device cpu runs a smoke test in the Triton interpreter)")
+    if device == "cpu":
+        use_interpreter()
     kernels = [k for k in args.kernels.split(",") if k]
     for k in kernels:
         if k not in TUNERS:
-            raise SystemExit(f"unknown kernel {k!r}; choose from {sorted(TUNERS)}")
+            raise UsageError(f"--kernels: unknown kernel {k!r}; choose from {', '.join(sorted(TUNERS))}")
     dtypes = [d for d in args.dtypes.split(",") if d]
     for d in dtypes:
         if d not in DTYPE_NAMES:
-            raise SystemExit(f"unknown dtype {d!r}; choose from {sorted(DTYPE_NAMES)}")
+            raise UsageError(f"--dtypes: unknown dtype {d!r}; choose from {', '.join(sorted(DTYPE_NAMES))}")
+    for flag in ("kv_lens", "q_rows", "head_dims", "groups", "block_n", "num_warps", "num_stages", "num_splits"):
+        try:
+            if not _ints(getattr(args, flag)) or min(_ints(getattr(args, flag))) < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give comma-separated positive "
+                             "integers") from None
     env = environment(device)
-    path = args.out_dir / f"{env['device_key']}.json"
+    path = (args.out_dir or user_config_dir()) / f"{env['device_key']}.json"
     grid = {k: getattr(args, k) for k in ("kv_lens", "q_rows", "head_dims", "groups", "dtypes", "block_n",
                                          "num_warps", "num_stages", "num_splits", "heads", "rep_ms")}
     results = {k: [] for k in kernels}
@@ -325,7 +369,12 @@ def main(argv=None) -> int:
         del problem
         if device == "cuda":
             torch.cuda.empty_cache()
-        write_table(path, env, results, grid)  # after every bucket: an interrupted sweep keeps its results
+        if any(results.values()):
+            write_table(path, env, results, grid)  # after every bucket: an interrupted sweep keeps its results
+    if not any(results.values()):
+        print(f"pdllm: error: nothing was tuned ({done} buckets, every candidate failed; see above); "
+              f"{path} not written", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({sum(len(v) for v in results.values())} entries, {time.time() - start:.0f} s)")
     return 0
 

@@ -192,7 +192,34 @@ def test_tuner_smoke_run_writes_a_loadable_table(tmp_path, capsys):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
 def test_tuner_without_gpu_says_so(capsys):
-    from pdllm.autotune.tune import main
+    from pdllm.cli import main
 
-    assert main([]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["tune"]) == 2
+    assert capsys.readouterr().err == ("pdllm: error: no CUDA GPU here; nothing to tune (--device cpu runs a smoke "
+                                       "test in the Triton interpreter)\n")
+
+
+def test_tuner_exits_non_zero_and_writes_nothing_when_nothing_was_tuned(tmp_path, capsys, monkeypatch):
+    from pdllm.autotune import tune
+
+    monkeypatch.setattr(tune, "TUNERS", {k: (lambda *a: (None, [{"why": "0 active drivers"}])) for k in tune.TUNERS})
+    assert tune.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert "nothing was tuned" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_tuner_writes_to_the_user_directory_the_lookup_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDLLM_CONFIG_DIR", str(tmp_path / "mine"))
+    assert configs.user_config_dir() == tmp_path / "mine" and configs.config_dirs()[0] == tmp_path / "mine"
+    assert configs.config_dirs()[-1] == configs.CONFIG_DIR  # the shipped tables come last
+    monkeypatch.delenv("PDLLM_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert configs.user_config_dir() == tmp_path / "xdg" / "pdllm" / "autotune"
+    from pdllm.autotune.tune import parse_args
+    assert parse_args(["--device", "cpu"]).out_dir is None  # main() then writes to user_config_dir()
+
+
+def test_undecodable_table_is_a_config_error(tmp_path):
+    bad = tmp_path / "NVIDIA_X.json"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="not a JSON text file"):
+        load_config_file(bad)
