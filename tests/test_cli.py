@@ -270,7 +270,7 @@ def test_eval_argument_problems_come_before_anything_is_written(llada_dir, tmp_p
     fails(capsys, e + ["--longbench", str(data), "--limit", "0"], "--limit 0: give at least 1 example per task")
     fails(capsys, e + ["--longbench", str(tmp_path / "missing")], f"--longbench {tmp_path / 'missing'}: no such directory")
     fails(capsys, e + ["--limit", "3"], "--limit applies to --longbench/--infinitebench runs")
-    fails(capsys, e + ["--methods", "vanilla,fast"], "--methods: unknown fast; choose from vanilla")
+    fails(capsys, e + ["--methods", "vanilla,fast"], "--methods: unknown fast; choose from vanilla, prefix, dual")
     fails(capsys, e + ["--lengths", "256,many"], "--lengths '256,many': give comma-separated int values")
     fails(capsys, e + ["--n", "0"], "--n 0: must be >= 1")
     fails(capsys, e + ["--bogus"], "pdllm eval: unrecognized arguments: --bogus")

@@ -469,7 +469,7 @@ def check_args(args):
     from pdllm.data.synthetic import TASKS
     from pdllm.methods import METHODS
 
-    methods = _list(args.methods, "--methods", allowed=tuple(METHODS))
+    methods = _list(args.methods, "--methods", allowed=(*METHODS, *GRID_METHODS))
     for flag, value in (("--n", args.n), ("--ablation-n", args.ablation_n), ("--gen-length", args.gen_length),
                         ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size), ("--top-k", args.top_k)):
         if value < 1:
