@@ -4,8 +4,8 @@ The toy model never learnt to pick a needle by its key. This probe isolates that
 pairs (keys from 30 tokens, values from 10), then a separator, a query key and one masked slot
 that must be filled with the query key's value; bidirectional attention, 4 layers, d_model 128.
 
-    python benchmarks/probe_mqar_init.py --embedding-std 0.02    # LLaDA's init everywhere
-    python benchmarks/probe_mqar_init.py --embedding-std 1.0     # train_toy's default
+    python benchmarks/probe_mqar_init.py --embedding-std 0.02 --out mqar_0.02.json   # LLaDA's init everywhere
+    python benchmarks/probe_mqar_init.py --embedding-std 1.0 --out mqar_1.0.json     # train_toy's default
 
 Measured with this script on a 2-core CPU (one thread each, seed 0, batch 64, AdamW lr 1e-3,
 torch 2.13.0): with 0.02 the exact-match accuracy stayed between 0.33 and 0.47 through step 5000
@@ -13,11 +13,14 @@ torch 2.13.0): with 0.02 the exact-match accuracy stayed between 0.33 and 0.47 t
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pdllm.environment import environment
 from pdllm.model import ModelConfig, Transformer
 
 PAIRS, VOCAB, SEP, MASK = 4, 64, 2, 1
@@ -39,7 +42,9 @@ def main():
     p.add_argument("--embedding-std", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the curve (every 250 steps) as JSON")
     args = p.parse_args()
+    curve = []
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     cfg = ModelConfig(arch="llada", vocab_size=VOCAB, d_model=128, n_layers=4, n_heads=2, n_kv_heads=2,
@@ -59,6 +64,10 @@ def main():
         if step % 250 == 0:
             exact = (logits.argmax(-1) == answer).float().mean().item()
             print(f"step {step:5d}  loss {loss.item():.3f}  exact {exact:.2f}  {time.time() - t0:.0f}s", flush=True)
+            curve.append({"step": step, "loss": round(loss.item(), 4), "exact": exact})
+    if args.out:
+        args.out.write_text(json.dumps({"environment": environment(), "args": {k: v for k, v in vars(args).items() if k != "out"},
+                                        "threads": 1, "batch": 64, "curve": curve}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -414,7 +414,7 @@ def test_unknown_block_backend(llada):
         llada.block_backend = "auto"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("fixture", ["llada_dir", "dream_dir"])
 def test_compiled_block_backend_equals_eager(fixture, request):
     model = from_pretrained(request.getfixturevalue(fixture), torch.bfloat16, device="cuda")
