@@ -18,15 +18,16 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # `ci`:       interpreter on CPU, small shapes, fp32/fp16, a few minutes in all (the default without CUDA).
-# `gpu`:      native kernels, 20 examples per property: plain `pytest` on a GPU stays a few minutes
-#             (the default on CUDA).
-# `thorough`: native kernels, 1000 examples per property (thousands of cases, mostly compiling kernel
-#             variants): HYPOTHESIS_PROFILE=thorough pytest. Run it on a new GPU or a kernel change.
+# `gpu`:      native kernels, 10 examples per property, the same ones every run (the default on CUDA).
+#             Its time is Triton compiling a kernel variant for each new shape, not the examples
+#             themselves: derandomized, a second run finds every variant in Triton's cache.
+# `thorough`: native kernels, 1000 fresh examples per property: HYPOTHESIS_PROFILE=thorough pytest.
+#             Run it on a new GPU or after a kernel change.
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 _GPU_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("gpu", max_examples=20, deadline=None, suppress_health_check=_GPU_HEALTH)
+settings.register_profile("gpu", max_examples=10, deadline=None, derandomize=True, suppress_health_check=_GPU_HEALTH)
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_GPU_HEALTH)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 

@@ -1,7 +1,7 @@
 """Property tests of the chunk-sparse split-KV kernel against pdllm.attention's reference.
 
 On CPU the kernel runs in the Triton interpreter (profile `ci`: small shapes, fp32/fp16); on a GPU
-natively (profile `gpu`: larger shapes, bf16 too, 20 examples per property; `thorough`: 1000).
+natively (profile `gpu`: larger shapes, bf16 too, 10 examples per property; `thorough`: 1000).
 """
 
 from __future__ import annotations
