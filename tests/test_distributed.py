@@ -84,6 +84,7 @@ def test_a_record_is_refused_by_another_model_or_gen_length_and_a_foreign_file_b
         load_record(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.slow  # a real torchrun job of 2 ranks
 def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_record(llada_dir, llada, tmp_path):
     job = torchrun([WORKER, llada_dir, tmp_path, "select"])
     assert job.returncode == 0, job.stderr[-3000:]
@@ -101,6 +102,7 @@ def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_reco
     assert ranks[1]["decoded_from_record"] == sent["tokens"]
 
 
+@pytest.mark.slow  # a real torchrun job of 2 ranks
 def test_a_rank_that_stops_answering_ends_the_job_with_a_clear_error(llada_dir, tmp_path):
     t0 = time.perf_counter()
     job = torchrun([WORKER, llada_dir, tmp_path, "hang"], timeout=120)

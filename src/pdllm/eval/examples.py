@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pdllm.eval import metrics
+import pdllm.eval.metrics as metrics
 
 
 class BenchmarkDataError(ValueError):
