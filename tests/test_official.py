@@ -9,7 +9,7 @@ from pdllm.official import OFFICIAL_GENERATION, confidence_draft, generate_offic
 from pdllm.prefill import (Prefill, PrefillConfig, build_layout, draft_answer, score_chunks_draft, select_chunks,
                            split_chunks)
 from pdllm.sampler import GenerationConfig, generate
-from pdllm.testing import assert_close
+from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
 
 BOS, MASK, V = 1, 0, 6  # the hand-made vocabulary of the unmasking tests
@@ -257,50 +257,31 @@ def test_official_preset_end_to_end_under_threshold_0_9(model_name, request):
         assert lay.positions == list(range(len(lay.tokens)))
 
 
-class Steps:
-    """Wraps a method; keeps each step's block tokens (before the step) and logits."""
-
-    def __init__(self, method):
-        self.method, self.name, self.seen = method, method.name, []
-
-    @property
-    def stats(self):
-        return self.method.stats
-
-    def begin(self, model, batch):
-        self.method.begin(model, batch)
-
-    def block_logits(self, model, x, start, end, step):
-        out = self.method.block_logits(model, x, start, end, step)
-        self.seen.append((x[:, start:end].clone(), out.float().clone()))
-        return out
-
-
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 def test_official_answer_path_fills_slot_zero_first_then_thresholds_at_0_9(model_name, request):
     model = request.getfixturevalue(model_name)
     mask = model.cfg.mask_id
     prompt = request_of(model, context_len=28, seed=4)
     gc = GenerationConfig(**{**OFFICIAL_GENERATION, "gen_length": 8, "block_length": 8})
-    steps = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    steps = StepRecorder(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
     out = generate_official(model, [prompt], gc, steps)
     answer = out.tokens[0]
-    blocks = [b[0] for b, _ in steps.seen[1:]] + [answer]  # the block before each step, then the answer
-    first_block, first_logits = steps.seen[0]
+    blocks = [b[0] for b, _ in steps.steps[1:]] + [answer]  # the block before each step, then the answer
+    first_block, first_logits = steps.steps[0]
     assert (first_block == mask).all()
     assert blocks[0].tolist() == [first_logits[0, 0].argmax().item()] + [mask] * 7  # step 0 fills slot 0 alone
-    for (before, logits), after in zip(steps.seen[1:], blocks[1:]):  # then: the top-1 and every slot >= 0.9
+    for (before, logits), after in zip(steps.steps[1:], blocks[1:]):  # then: the top-1 and every slot >= 0.9
         before, probs = before[0], logits[0].softmax(-1)
         conf, x0 = probs.max(-1)  # over the whole vocabulary: [MASK] may be drawn
         masked = before == mask
         conf = torch.where(masked, conf, -1.0)
         chosen = (conf >= 0.9) | (torch.arange(8) == conf.argmax())
         assert torch.equal(after, torch.where(chosen & masked, x0, before))
-    assert out.nfe == len(steps.seen) <= 1 + 8 + 8
+    assert out.nfe == len(steps.steps) <= 1 + 8 + 8
     # pdllm's own sampler takes top-1 + threshold from the first forward: a different answer path
-    mine = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    mine = StepRecorder(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
     generate(model, [prompt], gc, method=mine)
-    assert torch.equal(mine.seen[0][1], first_logits)  # same selection, same first forward
+    assert torch.equal(mine.steps[0][1], first_logits)  # same selection, same first forward
 
 
 @pytest.mark.parametrize("checkpoint", ["llada_dir", "dream_dir"])
@@ -340,19 +321,19 @@ def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name
     model = request.getfixturevalue(model_name)
     prompt = request_of(model, context_len=28, seed=4)
     gc = GenerationConfig(**{**OFFICIAL_GENERATION, "gen_length": 8, "block_length": 8})
-    steps = Steps(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
+    steps = StepRecorder(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
     generate_official(model, [prompt], gc, steps)
-    assert len(steps.seen) >= 2
+    assert len(steps.steps) >= 2
     lay = steps.method.layouts[0]
     G0, T = lay.gen_start, len(lay.tokens)
     cache = DenseKVCache.for_model(model, 1, T)
     pos = torch.tensor([lay.positions])
     model(torch.tensor([lay.tokens[:G0] + [model.cfg.mask_id] * 8]), pos, cache=cache.window(0))  # block start
-    block = steps.seen[1][0]  # the block as the first cached step saw it (slot 0 filled)
+    block = steps.steps[1][0]  # the block as the first cached step saw it (slot 0 filled)
     ref = model(block, pos[:, G0:], cache=cache.window(G0))
     if model.cfg.logit_shift:
-        ref = torch.cat([steps.seen[0][1][:, :1], ref[:, :-1]], dim=1)
-    assert_close(steps.seen[1][1], ref)
+        ref = torch.cat([steps.steps[0][1][:, :1], ref[:, :-1]], dim=1)
+    assert_close(steps.steps[1][1], ref)
 
 
 def test_cli_preset_takes_the_given_flags_on_top_and_pdllm_defaults_without_it():

@@ -13,7 +13,7 @@ from pdllm.methods import make_method
 from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, keep_tokens, pool_tokens,
                            score_chunks_attention, score_chunks_draft, select_chunks, split_chunks)
 from pdllm.sampler import GenerationConfig, generate
-from pdllm.testing import assert_close
+from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
 
 
@@ -21,25 +21,6 @@ def request_of(model, context_len=45, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, model.cfg.vocab_size - 20, (n,), generator=g).tolist()  # noqa: E731
     return LongContextPrompt(prefix=[model.cfg.bos_id] + ids(5), context=ids(context_len), query=ids(6))
-
-
-class Recorder:
-    """Wraps a method and keeps the logits of every step."""
-
-    def __init__(self, method):
-        self.method, self.name, self.logits = method, method.name, []
-
-    @property
-    def stats(self):
-        return self.method.stats
-
-    def begin(self, model, batch):
-        self.method.begin(model, batch)
-
-    def block_logits(self, model, x, start, end, step):
-        out = self.method.block_logits(model, x, start, end, step)
-        self.logits.append(out.clone())  # a CUDA-graph step overwrites its output at the next replay
-        return out
 
 
 # ---- the proof: sparse with everything selected == dense --------------------------------------
@@ -54,7 +35,7 @@ def test_all_chunks_no_bos_absolute_full_prompt_equals_dense_dual_cache(model_na
     batch = [request_of(model, 45, seed=0), request_of(model, 30, seed=1)]
     gc = GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=threshold)
     for req in batch:
-        dense, sparse = Recorder(make_method("dual")), Recorder(Prefill(**DENSE_EQUIVALENT))
+        dense, sparse = StepRecorder(make_method("dual")), StepRecorder(Prefill(**DENSE_EQUIVALENT))
         d = generate(model, [req], gc, method=dense)
         s = generate(model, [req], gc, method=sparse)
         assert torch.equal(s.tokens, d.tokens)
@@ -267,7 +248,7 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
     try:
         gen = GenerationConfig(gen_length=16, block_length=8, steps=16)  # not `gc`: the module is used below
         for req in (request_of(model, 45, seed=0), request_of(model, 30, seed=1)):
-            dense, sparse = Recorder(make_method("dual")), Recorder(Prefill(**DENSE_EQUIVALENT))
+            dense, sparse = StepRecorder(make_method("dual")), StepRecorder(Prefill(**DENSE_EQUIVALENT))
             assert torch.equal(generate(model, [req], gen, method=sparse).tokens,
                                generate(model, [req], gen, method=dense).tokens)
             for a, b in zip(sparse.logits, dense.logits):
@@ -276,7 +257,8 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
                        token_capacity=5, score="attention")
         assert (out.tokens != model.cfg.mask_id).all()
         for name, kwargs in (("prefill", dict(chunk_size=8, top_k=2)), ("dual", {}), ("prefix", {})):
-            graphed, eager = Recorder(make_method(name, **kwargs)), Recorder(make_method(name, cuda_graphs=False, **kwargs))
+            graphed = StepRecorder(make_method(name, **kwargs))
+            eager = StepRecorder(make_method(name, cuda_graphs=False, **kwargs))
             req = request_of(model, 45)
             assert torch.equal(generate(model, [req], gen, method=graphed).tokens,
                                generate(model, [req], gen, method=eager).tokens)
@@ -357,7 +339,7 @@ def scored_kv(model, prompt, chunk, rows, shift):
     return k[:, 0, :, P : P + len(chunk)], v[:, 0, :, P : P + len(chunk)]
 
 
-class ReencodedChunks(Recorder):
+class ReencodedChunks(StepRecorder):
     """After begin, overwrite every selected chunk's pool rows with a second encode (scored_kv):
     the re-encoding path that encode-once replaces."""
 
@@ -382,7 +364,7 @@ def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(l
     gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
     batch = [request_of(llada, 45, seed=0), request_of(llada, 33, seed=2)]
     knobs = dict(chunk_size=8, top_k=3, cache_mode="chunk_query", positions=positions)
-    once = Recorder(Prefill(**knobs))
+    once = StepRecorder(Prefill(**knobs))
     out = generate(llada, batch, gc, method=once)
     m = once.method
     assert m.stats["encode_once"]

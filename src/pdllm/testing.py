@@ -1,5 +1,6 @@
-"""One tolerance table and one ``assert_close`` for every numerical test in pdllm, and HAS_CUDA:
-whether this machine runs the GPU-only tests and benchmarks (``@pytest.mark.gpu``).
+"""One tolerance table and one ``assert_close`` for every numerical test in pdllm, HAS_CUDA
+(whether this machine runs the GPU-only tests and benchmarks, ``@pytest.mark.gpu``), and
+StepRecorder, a sampler method that records what another one computes.
 
 Tolerances are per dtype of the tensors being compared: fp32 paths accumulate in fp32 and agree
 to rounding; fp16/bf16 paths differ from the fp32 reference by their storage precision.
@@ -35,3 +36,29 @@ def random_prompts(vocab: int, lengths=(13, 7, 10), seed: int = 0) -> list[list[
     """Token-id prompts of the given lengths, clear of the special ids at both ends of a tiny vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab - 20, (n,), generator=g).tolist() for n in lengths]
+
+
+class StepRecorder:
+    """A sampler method that runs another and keeps, for every step, (the block's tokens before the
+    step, the block's logits). Both are copies: a CUDA-graph step overwrites its output at the
+    next replay."""
+
+    def __init__(self, method):
+        self.method, self.name, self.supports_cfg = method, method.name, method.supports_cfg
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def stats(self) -> dict:
+        return self.method.stats
+
+    @property
+    def logits(self) -> list[torch.Tensor]:
+        return [logits for _, logits in self.steps]
+
+    def begin(self, model, batch):
+        self.method.begin(model, batch)
+
+    def block_logits(self, model, x, start, end, step):
+        out = self.method.block_logits(model, x, start, end, step)
+        self.steps.append((x[:, start:end].clone(), out.clone()))
+        return out
