@@ -12,6 +12,7 @@ import torch
 
 from pdllm import sampler
 from pdllm.cli import main
+from pdllm.testing import HAS_CUDA
 
 
 def test_generate_plain_prompt(llada_dir, capsys):
@@ -199,7 +200,7 @@ def test_prefill_knobs_are_checked_before_the_model_loads(llada_dir, tmp_path, c
     fails(capsys, base + ["--score", "magic"], "argument --score: invalid choice 'magic' (choose from attention, draft)")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
 def test_cuda_on_a_cpu_machine(llada_dir, capsys):
     fails(capsys, _gen(llada_dir, "--device", "cuda"), "device 'cuda': this machine has no CUDA GPU")
 
