@@ -428,3 +428,23 @@ def test_compiled_block_backend_equals_eager(fixture, request):
         runs[backend] = (model(idx, pos, cache=cache.window(0)), model(idx[:, s:e], pos[:, s:e], cache=cache.window(s)))
     for eager, compiled in zip(*runs.values()):
         assert_close(compiled, eager, torch.bfloat16)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_block_once(monkeypatch):
+    import pdllm.model as model_module
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(model_module, "_COMPILED", {})
+    bad_input = model_module._compiled_or_eager(lambda x: x + "text")
+    with pytest.raises(TypeError):  # the inputs were the problem: their error, and compiling stays on
+        bad_input(torch.ones(1))
+    assert "failed" not in model_module._COMPILED
+    run = model_module._compiled_or_eager(lambda x: x + 1)
+    with pytest.warns(UserWarning, match="torch.compile of the block failed"):
+        assert run(torch.ones(1)).item() == 2
+    assert model_module._COMPILED["failed"] and run(torch.ones(1)).item() == 2

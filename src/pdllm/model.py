@@ -2,9 +2,12 @@
 
 Read top to bottom:
   1. ModelConfig   the hyper-parameters, built from a checkpoint's config.json
-  2. the layers    RMSNorm (fp32), RoPE (fp32, rotate-half, explicit positions), attention, MLP
+  2. the layers    RMSNorm (fp32), RoPE (fp32, rotate-half, explicit positions), attention with one
+                   QKV matrix, MLP with one gate+up matrix; the block as two functions of tensors
+                   that torch.compile fuses on a GPU (block_backend), eagerly the same math elsewhere
   3. Transformer   embedding -> blocks -> norm -> head, with an optional KV cache to attend to
-  4. checkpoints   one HF->ours name map per architecture; from_pretrained / save_pretrained
+  4. checkpoints   one HF->ours name map per architecture (the fused matrices as their HF parts);
+                   from_pretrained / save_pretrained
 
 Differences from an autoregressive LLaMA: attention is bidirectional (no causal mask), every token
 gets an explicit position id (Prefilling-dLLM moves chunks around), and a forward can run a block
@@ -340,16 +343,18 @@ def _compiled_or_eager(fn):
     compiled = torch.compile(fn, fullgraph=True)
 
     def run(*args):
-        if not _COMPILED.get("failed"):
-            try:
-                return compiled(*args)
-            except Exception as e:  # a compiler missing or failing must not fail the answer
-                import warnings
+        if _COMPILED.get("failed"):
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # a compiler missing or failing must not fail the answer
+            out = fn(*args)  # raises again if the inputs, not the compiler, were the problem
+            import warnings
 
-                warnings.warn(f"pdllm: torch.compile of the block failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly", stacklevel=3)
-                _COMPILED["failed"] = True
-        return fn(*args)
+            warnings.warn(f"pdllm: torch.compile of the block failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly", stacklevel=3)
+            _COMPILED["failed"] = True
+            return out
 
     return run
 
