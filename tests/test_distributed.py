@@ -1,6 +1,6 @@
 """pdllm.distributed: several processes give what one process gives.
 
-The multi-process tests start real torchrun jobs (``python -m torch.distributed.run --standalone``,
+The multi-process tests (marked slow) start real torchrun jobs (``python -m torch.distributed.run --standalone``,
 2 gloo processes on the CPU, tests/distributed_worker.py as each rank) with timeouts, and compare
 what every rank wrote with the same work done here in one process.
 """
@@ -109,3 +109,48 @@ def test_a_rank_that_stops_answering_ends_the_job_with_a_clear_error(llada_dir, 
     assert job.returncode != 0
     assert "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2" in job.stderr
     assert time.perf_counter() - t0 < 60  # the 5 s timeout, not rank 1's 60 s sleep
+
+
+def without_timings(report):
+    """The report with its wall-clock figures (``seconds``) left out: everything else must match."""
+    if isinstance(report, dict):
+        return {k: without_timings(v) for k, v in report.items() if k != "seconds"}
+    if isinstance(report, list):
+        return [without_timings(v) for v in report]
+    return report
+
+
+@pytest.mark.slow  # a real torchrun job of 2 ranks
+def test_data_parallel_eval_under_torchrun_writes_the_json_of_one_process(tmp_path):
+    from pdllm.eval.harness import main as eval_main
+
+    # the embedded toy model on kv_lookup at 256 tokens: it answers some and misses some (a mixed JSON)
+    args = ["--lengths", "256", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
+            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "2"]
+    assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
+    # "--": torchrun's own parser would take --n for an abbreviation of one of its flags
+    job = torchrun(["-m", "pdllm.cli", "--", "eval", *args, "--out", tmp_path / "two"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    two["command"] = one["command"]  # the same arguments; only the output directory differs
+    assert without_timings(two) == without_timings(one)
+    cells = [c for m in one["grid"].values() for L in m["kv_lookup"].values() for c in L.values()]
+    assert len({c["correct"] for c in cells}) > 1  # not all right nor all wrong: the comparison says something
+
+
+def test_each_rank_decodes_only_its_share_of_the_examples(llada, llada_dir, monkeypatch):
+    from pdllm.eval.harness import run_examples
+    from pdllm.sampler import GenerationConfig
+    from pdllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(llada_dir)
+    examples = [type("Example", (), dict(context="the quick brown fox " * (3 + i), question="what is the pass key",
+                                         answer="fox", needle_span=(0, 4)))() for i in range(5)]
+    gen = GenerationConfig(gen_length=4, block_length=4, steps=4)
+    alone = run_examples(llada, tok, examples, gen, "prefill", 2, chunk_size=8, top_k=1)
+    calls = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)  # rank 1 of 2: the last of the 3 batches (2, 2, 1)
+    monkeypatch.setattr(distributed, "all_gather_json", lambda obj, what: calls.append(obj) or [[], obj])
+    mine = run_examples(llada, tok, examples, gen, "prefill", 2, chunk_size=8, top_k=1)
+    assert len(calls[0]) == 1 and without_timings(mine) == without_timings(alone[4:])

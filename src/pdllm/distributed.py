@@ -154,6 +154,12 @@ def my_share(items: Sequence) -> list:
     return [item for item, r in zip(items, who) if r == rank()]
 
 
+def rank0_says(value, what: str = "rank 0's decision"):
+    """Rank 0's value of a JSON-able decision (e.g. a time budget passed), on every rank, so that the
+    ranks keep doing the same collectives."""
+    return all_gather_json(value, what)[0]
+
+
 def gather_in_order(results: list, what: str = "the evaluation results") -> list:
     """Every rank's list of JSON-able results, concatenated in rank order (the items' order, when
     each rank's list follows its ``my_share``)."""

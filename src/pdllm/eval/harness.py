@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pdllm import distributed
 from pdllm.sampler import GenerationConfig, generate
 
 DEFAULT_PREFILL = dict(chunk_size=128, top_k=4, score_batch=64)  # the toy model's chunk size (see its card)
@@ -75,7 +76,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
     from pdllm.methods import make_method
 
     records = []
-    for i in range(0, len(examples), batch_size):
+    for i in distributed.my_share(range(0, len(examples), batch_size)):  # torchrun: this rank's batches
         part = examples[i : i + batch_size]
         prompts = [tok.long_context_prompt(e.context, e.question) for e in part]
         obj = make_method(method, **knobs)
@@ -86,7 +87,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
             if selected is not None:
                 rec["needle_selected"] = needle_recalled(e.needle_span, obj.cfg.chunk_size, selected[j])
             records.append(rec)
-    return records
+    return distributed.gather_in_order(records)  # every rank's, in the examples' order
 
 
 def cell_summary(records: list[dict]) -> dict:
@@ -118,7 +119,7 @@ class Deadline:
         self.skipped: list[str] = []
 
     def passed(self, what: str) -> bool:
-        if self.end is not None and time.time() > self.end:
+        if self.end is not None and distributed.rank0_says(time.time() > self.end):  # the ranks skip alike
             self.skipped.append(what)
             return True
         return False
@@ -290,14 +291,17 @@ def check_goals(report: dict) -> list[dict]:
 
 def run_benchmark(model, tok, examples, method, prefill, max_gen: int | None) -> dict:
     """LongBench/InfiniteBench examples one at a time (their answers have different lengths)."""
-    per_task: dict[str, list[float]] = {}
-    for ex in tqdm(examples, desc=f"{method}", unit="example"):
+    scored = []
+    for ex in tqdm(distributed.my_share(examples), desc=f"{method}", unit="example"):  # torchrun: this rank's
         gen_len = min(ex.max_new_tokens, max_gen or ex.max_new_tokens)
         gen = GenerationConfig(gen_length=gen_len, block_length=gen_len, steps=gen_len, threshold=0.9)
         prompt = tok.long_context_prompt(ex.context, ex.question, instruction=ex.prefix, question_template="{question}")
         kwargs = prefill if method == "prefill" else {}
         (answer,), _ = answer_batch(model, tok, [prompt], gen, method, **kwargs)
-        per_task.setdefault(ex.task, []).append(ex.score(answer))
+        scored.append([ex.task, ex.score(answer)])
+    per_task: dict[str, list[float]] = {}
+    for task, score in distributed.gather_in_order(scored):
+        per_task.setdefault(task, []).append(score)
     return {task: {"score": sum(s) / len(s), "n": len(s)} for task, s in per_task.items()}
 
 
@@ -541,6 +545,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     methods, examples = check_args(args)  # every flag and path, before the model loads or --out is made
 
+    if distributed.init():  # under torchrun: each rank takes its share of the examples (pdllm.distributed)
+        distributed.quiet_other_ranks()
     model, tok = load_model(args.model, args.device)
     device = str(model.device)
     prefill = {**DEFAULT_PREFILL, "chunk_size": args.chunk_size, "top_k": args.top_k}
@@ -552,7 +558,8 @@ def main(argv=None) -> int:
     if examples is not None:
         report["benchmark"] = str(args.longbench or args.infinitebench)
         report["results"] = {m: run_benchmark(model, tok, examples, m, prefill, args.max_gen) for m in methods}
-        (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
+        if distributed.is_main():
+            (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
         for m, r in report["results"].items():
             print(m, {t: round(v["score"], 4) for t, v in r.items()})
         return 0
@@ -572,7 +579,8 @@ def main(argv=None) -> int:
 
     def save():
         report["skipped_for_time"] = deadline.skipped + ablation_deadline.skipped
-        (args.out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        if distributed.is_main():  # torchrun: every rank holds the gathered report, rank 0 writes it
+            (args.out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
 
     first = sorted(lengths, key=lambda L: (L < trained, L))  # the trained length and beyond first, if time runs out
     report["grid"] = {}
@@ -601,7 +609,8 @@ def main(argv=None) -> int:
             print(f"ablation {name:12s} {r['label']:18s} {r['accuracy']:.3f}" + (f" recall {r['recall']:.3f}" if "recall" in r else ""))
     for g in report["goals"]:
         print(("MET   " if g["met"] else "MISSED"), g["goal"], g["measured"], g.get("where_lost", ""))
-    plot_report(report, args.out)
+    if distributed.is_main():
+        plot_report(report, args.out)
     print(f"wrote {args.out / 'eval.json'} and plots")
     return 0
 
