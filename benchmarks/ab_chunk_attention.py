@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, inputs, needed_bytes, rotating_time_ms  # noqa: E402
 from ceilings import copy_gbps as measure_copy_gbps  # noqa: E402
 
+from pdllm.environment import environment  # noqa: E402
+
 
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -82,11 +84,7 @@ def main():
             print(f"{case.name:<12} splits {splits or 'table':>5}: " + "  ".join(f"{n} {t:7.1f} us ({pct[n]:4.1f}%)" for n, t in times.items())
                   + f"  current x{row['speedup_vs_baseline']:.2f}", flush=True)
     if args.out:
-        import triton
-
-        props = torch.cuda.get_device_properties(0)
-        args.out.write_text(json.dumps({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                                        "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({**environment(), "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import D, DTYPE, HKV, ROTATE, TQ, H, rotating_time_ms, sparse_index  # noqa: E402
 from ceilings import copy_gbps  # noqa: E402
 
+from pdllm.environment import environment  # noqa: E402
+
 
 def time_layout(P: int, pad: int, row_major: bool, config: dict, copy: float) -> dict:
     from pdllm.triton_kernels.chunk_attention import bytes_moved, chunk_attention
@@ -53,8 +55,7 @@ def main():
             rows.append(time_layout(32768, pad, row_major, config, copy))
             print(rows[-1], flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": copy,
-                                        "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({**environment(), "copy_gbps": copy, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

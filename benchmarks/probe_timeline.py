@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_attention import CASES, ROTATE, inputs, needed_bytes, rotating_time_ms  # noqa: E402
 from ceilings import copy_gbps  # noqa: E402
 
+from pdllm.environment import environment  # noqa: E402
+
 START, LOOP_END, TICKET_AT, END, SM, TICKET = range(6)  # the kernel's TIMESTAMP_SLOTS, in order
 
 
@@ -93,8 +95,7 @@ def main():
             print(json.dumps({k: row[k] for k in ("case", "config", "probed_time_us")} | launches[1]
                              | {"gaps_us": gaps}), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": copy, "torch": torch.__version__,
-                                        "triton": __import__("triton").__version__, "runs": results}, indent=1) + "\n")
+        args.out.write_text(json.dumps({**environment(), "copy_gbps": copy, "runs": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
