@@ -141,7 +141,7 @@ def test_named_pipe_is_refused_not_opened(ckpt, capsys):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda hf: [hf], "holds a JSON list, not an object of model settings"),
-    (lambda hf: {**hf, "max_sequence_length": 0}, "max_positions=0 must be a positive integer"),
+    (lambda hf: {**hf, "max_sequence_length": 0}, "config.json: invalid model config: max_sequence_length=0 must be a positive integer"),
     (lambda hf: {**hf, "bos_token_id": 5000}, "bos_token_id=5000 is outside the vocabulary (size 320)"),
     (lambda hf: {**hf, "mask_token_id": 7}, "config.json mask_token_id=7 but the tokenizer's mask token <|mdm_mask|> is id 2"),
     (lambda hf: {**hf, "embedding_size": 200, "vocab_size": 200}, "tokenizer.json has 300 tokens but the model's vocabulary is 200"),

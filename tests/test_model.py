@@ -296,13 +296,13 @@ def test_float16_overflow_is_named(llada_dir, copy_of):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda hf: [hf], "holds a JSON list, not an object of model settings"),
-    (lambda hf: {**hf, "max_sequence_length": 0}, "max_positions=0 must be a positive integer"),
-    (lambda hf: {**hf, "max_sequence_length": -5}, "max_positions=-5 must be a positive integer"),
+    (lambda hf: {**hf, "max_sequence_length": 0}, "config.json: invalid model config: max_sequence_length=0 must be a positive integer"),
+    (lambda hf: {**hf, "max_sequence_length": -5}, "max_sequence_length=-5 must be a positive integer"),
     (lambda hf: {**hf, "bos_token_id": 10**6}, "bos_token_id=1000000 is outside the vocabulary"),
     (lambda hf: {**hf, "eos_token_id": -1}, "eos_token_id=-1 is outside the vocabulary"),
     (lambda hf: {**hf, "d_model": "64"}, "d_model='64' must be a positive integer"),
     (lambda hf: {**hf, "rope_theta": "big"}, "rope_theta='big' must be a number"),
-    (lambda hf: {**hf, "mask_token_id": 1.5}, "mask_id=1.5 must be a token id"),
+    (lambda hf: {**hf, "mask_token_id": 1.5}, "mask_token_id=1.5 must be a token id"),
 ])
 def test_config_values_are_checked(llada_dir, copy_of, edit, message):
     d = copy_of(llada_dir)

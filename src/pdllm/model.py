@@ -145,7 +145,14 @@ class ModelConfig:
             kw[ours] = value
         if isinstance(kw["eos_id"], list) and kw["eos_id"]:
             kw["eos_id"] = kw["eos_id"][0]
-        cfg = cls(**kw)
+        try:
+            cfg = cls(**kw)
+        except ValueError as e:  # name the keys as the file spells them
+            message = str(e)
+            for ours, theirs, _ in cls.HF_NAMES[arch]:
+                if theirs is not None and theirs != ours:
+                    message = re.sub(rf"\b{ours}=", f"{theirs}=", message)
+            raise ValueError(f"{source}: {message}") from e
         for ours, theirs, _ in cls.HF_NAMES[arch]:  # a checkpoint's BOS/EOS must be real tokens of its vocabulary
             value = getattr(cfg, ours)
             if ours in ("bos_id", "eos_id") and value is not None and not 0 <= value < cfg.vocab_size:
