@@ -366,8 +366,9 @@ def send_record(record: PrefillRecord, dst: int, group=None) -> None:
         _collective(what, lambda t=t: dist.send(t.to(dev).contiguous(), dst, group))
 
 
-def recv_record(src: int, group=None, device="cpu") -> PrefillRecord:
-    """Receive the record ``send_record`` sends from rank ``src``; its tensors end up on ``device``."""
+def recv_record(src: int, group=None, device=None) -> PrefillRecord:
+    """Receive the record ``send_record`` sends from rank ``src``; its tensors stay where they were
+    received (this rank's GPU under NCCL, the CPU under gloo) unless ``device`` says otherwise."""
     dev, what = _device(), f"receiving the prefill record from rank {src}"
     n = torch.zeros(1, dtype=torch.int64, device=dev)
     _collective(what, lambda: dist.recv(n, src, group))
@@ -381,6 +382,6 @@ def recv_record(src: int, group=None, device="cpu") -> PrefillRecord:
                              f"{sorted(RECORD_DTYPES)}")
         t = torch.empty(shape, dtype=RECORD_DTYPES[dtype], device=dev)
         _collective(what, lambda t=t: dist.recv(t, src, group))
-        tensors[name] = t.to(device)
+        tensors[name] = t if device is None else t.to(device)
     return PrefillRecord.from_tensors(tensors, header, f"prefill record from rank {src}")
 
