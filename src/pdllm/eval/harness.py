@@ -177,6 +177,9 @@ def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which,
         if "score_depth" in over and not _has_knob("score_depth"):
             results.setdefault("not_run", {})[name] = "this pdllm's PrefillConfig has no score_depth"
             continue
+        if (over.get("score_depth") or 0) > model.cfg.n_layers:
+            results.setdefault("not_run", {})[f"{name} {label}"] = f"the model has {model.cfg.n_layers} layers"
+            continue
         key = json.dumps(kwargs, sort_keys=True)
         if key not in done:
             if deadline.passed(f"ablation {name} {label}"):
