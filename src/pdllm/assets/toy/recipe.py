@@ -42,5 +42,5 @@ STAGES = [
          "(15% of rows) and BOS-led passages (30% of SFT rows)",
          n_layers=8, chunk_size=128, max_context=2048, curriculum_frac=0.3, full_mask_frac=0.5,
          pretrain_frac=0.15, passage_frac=0.3, passage_min=32, passage_max=256, lr=5e-4, warmup=100,
-         steps=900, max_train_minutes=4.3, eval_lengths=(1024, 2048), eval_n=30),
+         steps=900, max_train_minutes=4.0, eval_lengths=(1024, 2048), eval_n=30),
 ]
