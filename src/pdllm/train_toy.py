@@ -471,8 +471,8 @@ By depth at L={lengths[-1]}:
 {chr(10).join(depth_rows)}
 
 With Prefilling-dLLM (recall of the needle's chunk, the depth x length grid to 4x the trained
-length, ablations): `pdllm eval --model DIR` (the embedded model's results:
-`benchmarks/results/toy_eval.json`).
+length, ablations): `pdllm eval --model DIR` (the embedded model's results, with the command that
+made them: `benchmarks/results/toy_eval_<gpu>.json` and its plots).
 
 ## Use
 ```python
@@ -537,8 +537,8 @@ def run_recipe(args) -> int:
                          f"{names[first - 1]!r}")
     out = Path(args.out)
     init = args.init_from
-    shown = [dict(st, ran_here="this run" if i >= first else f"from `{Path(args.init_from).name}`")
-             for i, st in enumerate(stages)]
+    ran = {first - 1: f"earlier; its output is --init-from `{Path(args.init_from or '').name}`"}
+    shown = [dict(st, ran_here="this run" if i >= first else ran.get(i, "earlier")) for i, st in enumerate(stages)]
     recipe_info = {"path": path.name, "stages": [{k: v for k, v in st.items() if k in
                                                   ("name", "what", "steps", "stop_at", "ran_here")} for st in shown]}
     for i in range(first, len(stages)):

@@ -72,7 +72,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
                  **knobs) -> list[dict]:
     """Each synthetic example decoded by one method; per example whether the answer is exactly right and,
     for ``prefill``, which chunks were selected and whether those hold the whole needle (recall@K)."""
-    from pdllm.eval.metrics import needle_recalled
+    from pdllm.eval.metrics import needle_chunks, needle_recalled
     from pdllm.methods import make_method
 
     records = []
@@ -86,6 +86,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
             rec = {"correct": a == e.answer, "seconds": dt / len(part)}
             if selected is not None:
                 rec["needle_selected"] = needle_recalled(e.needle_span, obj.cfg.chunk_size, selected[j])
+                rec["needle_cut"] = len(needle_chunks(e.needle_span, obj.cfg.chunk_size)) > 1
             records.append(rec)
     return distributed.gather_in_order(records)  # every rank's, in the examples' order
 
@@ -100,7 +101,7 @@ def cell_summary(records: list[dict]) -> dict:
            "seconds": sum(r["seconds"] for r in records), "correct": _bits(r["correct"] for r in records)}
     if records and "needle_selected" in records[0]:
         sel = [r["needle_selected"] for r in records]
-        out.update(recall=sum(sel) / n, needle_selected=_bits(sel),
+        out.update(recall=sum(sel) / n, needle_selected=_bits(sel), needle_cut=_bits(r["needle_cut"] for r in records),
                    misses_needle_selected=sum(s and not r["correct"] for s, r in zip(sel, records)),
                    misses_needle_not_selected=sum(not s and not r["correct"] for s, r in zip(sel, records)))
     return out
@@ -234,21 +235,42 @@ def summarize(report: dict) -> dict:
                     m.update(recall=sum(sel) / len(sel), recall_ci95=list(wilson_interval(sum(sel), len(sel))),
                              misses_needle_selected=sum(s and not c for s, c in zip(sel, flags)),
                              misses_needle_not_selected=sum(not s and not c for s, c in zip(sel, flags)))
+                    cut = _pool(cells, "needle_cut")
+                    whole = [i for i, x in enumerate(cut) if not x]
+                    if len(cut) == len(flags) and whole:  # needles a chunk boundary cuts in two, apart
+                        m.update(n_needle_cut=len(flags) - len(whole),
+                                 accuracy_needle_cut=sum(f for f, x in zip(flags, cut) if x) / max(1, len(flags) - len(whole)),
+                                 accuracy_needle_whole=sum(flags[i] for i in whole) / len(whole),
+                                 recall_needle_whole=sum(sel[i] for i in whole) / len(whole))
                 row[label] = m
                 row[f"_{label}_flags"] = flags
             if dense in row and "prefill" in row and len(row["_prefill_flags"]) == len(row[f"_{dense}_flags"]):
                 row["prefill_minus_dense"] = list(paired_difference(row["_prefill_flags"], row[f"_{dense}_flags"]))
             if "prefill" in row and "prefill_no_bos" in row and len(row["_prefill_flags"]) == len(row["_prefill_no_bos_flags"]):
                 row["bos_minus_no_bos"] = list(paired_difference(row["_prefill_flags"], row["_prefill_no_bos_flags"]))
+                cut = _pool(grid["prefill"][task][L], "needle_cut")
+                whole = [i for i, x in enumerate(cut) if not x]
+                if len(cut) == len(row["_prefill_flags"]) and whole:  # a BOS inside a cut needle is another matter
+                    row["bos_minus_no_bos_needle_whole"] = list(paired_difference(
+                        [row["_prefill_flags"][i] for i in whole], [row["_prefill_no_bos_flags"][i] for i in whole]))
             out["by_task_length"].setdefault(task, {})[L] = {k: v for k, v in row.items() if not k.startswith("_")}
     for label, per_task in grid.items():
         for L in map(str, report["lengths"]):
             for d in map(str, report["depths"]):
-                flags = [f for task in per_task for f in _flags(per_task[task].get(L, {}).get(d, {}).get("correct", ""))]
-                if flags:
-                    out["depth_curve"].setdefault(label, {}).setdefault(L, {})[d] = {
-                        "n": len(flags), "accuracy": sum(flags) / len(flags),
-                        "ci95": list(wilson_interval(sum(flags), len(flags)))}
+                cells = [per_task[task].get(L, {}).get(d, {}) for task in per_task]
+                flags = [f for c in cells for f in _flags(c.get("correct", ""))]
+                if not flags:
+                    continue
+                point = {"n": len(flags), "accuracy": sum(flags) / len(flags),
+                         "ci95": list(wilson_interval(sum(flags), len(flags)))}
+                cut = [x for c in cells for x in _flags(c.get("needle_cut", ""))]
+                if len(cut) == len(flags):  # the same curve over the needles no chunk boundary cuts
+                    whole = [f for f, x in zip(flags, cut) if not x]
+                    point.update(n_needle_cut=len(flags) - len(whole))
+                    if whole:
+                        point.update(accuracy_needle_whole=sum(whole) / len(whole),
+                                     ci95_needle_whole=list(wilson_interval(sum(whole), len(whole))))
+                out["depth_curve"].setdefault(label, {}).setdefault(L, {})[d] = point
     return out
 
 
@@ -269,9 +291,10 @@ def check_goals(report: dict) -> list[dict]:
             p, d = row["prefill"], row["vanilla"]["accuracy"]
             lost = ("selection" if p["misses_needle_not_selected"] >= p["misses_needle_selected"] else "the model")
             add(f"prefill >= 0.99 x dense at the trained length ({task})", f"{p['accuracy']:.3f} vs {d:.3f}",
-                p["accuracy"] >= 0.99 * d, f"{lost} ({p['misses_needle_not_selected']} misses without the needle's chunk, "
-                f"{p['misses_needle_selected']} with it)")
-            add(f"recall@K >= 0.98 at the trained length ({task})", round(p["recall"], 3), p["recall"] >= 0.98, "selection")
+                p["accuracy"] >= 0.99 * d, f"{lost} ({p['misses_needle_not_selected']} misses without the needle's chunks, "
+                f"{p['misses_needle_selected']} with them){_cut_note(p)}")
+            add(f"recall@K >= 0.98 at the trained length ({task})", round(p["recall"], 3), p["recall"] >= 0.98,
+                f"selection{_cut_note(p)}")
         for L, r in by_len.items():
             if int(L) >= 2 * int(trained) and "prefill_minus_dense" in r:
                 p = r["prefill"]
@@ -280,16 +303,35 @@ def check_goals(report: dict) -> list[dict]:
                     f"{p['accuracy']:.3f} vs {r['vanilla']['accuracy']:.3f}", r["prefill_minus_dense"][0] >= 0.2, lost)
             if "bos_minus_no_bos" in r:
                 diff, lo, hi = r["bos_minus_no_bos"]
-                add(f"BOS anchors >= no anchors at {L} ({task})", f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", hi >= 0,
-                    "the model (anchors hurt it)")
+                why = "the model (anchors hurt it)"
+                if "bos_minus_no_bos_needle_whole" in r:
+                    w = r["bos_minus_no_bos_needle_whole"]
+                    why += (f"; over the needles no chunk boundary cuts: {w[0]:+.3f} [{w[1]:+.3f}, {w[2]:+.3f}] (an anchor "
+                            "inside a cut needle separates its key from its value)")
+                add(f"BOS anchors >= no anchors at {L} ({task})", f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", hi >= 0, why)
     curve = report["summary"]["depth_curve"].get("prefill", {})
     for L, by_depth in curve.items():
         accs = [c["accuracy"] for c in by_depth.values()]
-        lo_max = max(c["ci95"][0] for c in by_depth.values())
-        hi_min = min(c["ci95"][1] for c in by_depth.values())
-        add(f"prefill depth curve flat within the noise at {L}", f"{min(accs):.3f}-{max(accs):.3f}", lo_max <= hi_min,
-            "the model at some depths")
+        flat = max(c["ci95"][0] for c in by_depth.values()) <= min(c["ci95"][1] for c in by_depth.values())
+        why = "the selection at some depths"
+        points = list(by_depth.values())
+        if all("ci95_needle_whole" in c for c in points) and any(c["n_needle_cut"] for c in points):
+            whole = [c["accuracy_needle_whole"] for c in points]
+            flat_whole = max(c["ci95_needle_whole"][0] for c in points) <= min(c["ci95_needle_whole"][1] for c in points)
+            cut = ", ".join(f"{d}: {c['n_needle_cut']}/{c['n']}" for d, c in by_depth.items() if c["n_needle_cut"])
+            why = (f"chunk boundaries: the needle is cut in two by a chunk boundary at depth {cut}; over the needles "
+                   f"no boundary cuts the curve is {min(whole):.3f}-{max(whole):.3f}, "
+                   f"{'flat' if flat_whole else 'not flat'} within the noise")
+        add(f"prefill depth curve flat within the noise at {L}", f"{min(accs):.3f}-{max(accs):.3f}", flat, why)
     return goals
+
+
+def _cut_note(p: dict) -> str:
+    if not p.get("n_needle_cut"):
+        return ""
+    return (f"; {p['n_needle_cut']} of {p['n']} needles are cut in two by a chunk boundary (accuracy "
+            f"{p['accuracy_needle_cut']:.3f}); the others: accuracy {p['accuracy_needle_whole']:.3f}, "
+            f"recall {p['recall_needle_whole']:.3f}")
 
 
 def run_benchmark(model, tok, examples, method, prefill, max_gen: int | None) -> dict:
@@ -354,7 +396,7 @@ def _plt():
 
 def _errorbar(ax, xs, cells, **kw):
     acc = [c["accuracy"] for c in cells]
-    err = [[a - c["ci95"][0] for a, c in zip(acc, cells)], [c["ci95"][1] - a for a, c in zip(acc, cells)]]
+    err = [[max(0.0, a - c["ci95"][0]) for a, c in zip(acc, cells)], [max(0.0, c["ci95"][1] - a) for a, c in zip(acc, cells)]]
     ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, **kw)
 
 
@@ -366,18 +408,23 @@ def plot_lengths(report: dict, out: Path):
     plt = _plt()
     grid, lengths = report["grid"], [str(L) for L in report["lengths"]]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, style in (("vanilla", "k--"), ("prefill", "C0-"), ("prefill_no_bos", "C1-"), ("dual", "C2:")):
+    lines = [("vanilla", "k--", False), ("prefill", "C0-", False), ("prefill_no_bos", "C1-", False), ("dual", "C2-", False),
+             ("prefill", "C0:", True)]  # the last: only the needles that no chunk boundary cuts in two
+    for label, style, whole_only in lines:
         if label not in grid:
             continue
         for key, axis in (("correct", ax), ("needle_selected", bx)):
             cells, xs = [], []
             for L in lengths:
-                flags = [f for t in grid[label] for f in _flags("".join(c.get(key, "") for c in grid[label][t].get(L, {}).values()))]
+                row = [c for t in grid[label] for c in grid[label][t].get(L, {}).values()]
+                flags, cut = _flags("".join(c.get(key, "") for c in row)), _flags("".join(c.get("needle_cut", "") for c in row))
+                if whole_only:
+                    flags = [f for f, x in zip(flags, cut) if not x] if len(cut) == len(flags) else []
                 if flags:
                     cells.append({"accuracy": sum(flags) / len(flags), "ci95": wilson_interval(sum(flags), len(flags))})
                     xs.append(int(L))
             if cells:
-                _errorbar(axis, xs, cells, fmt=style, label=label)
+                _errorbar(axis, xs, cells, fmt=style, label=label + (", needle not cut by a chunk boundary" if whole_only else ""))
     for axis, title in ((ax, "exact match"), (bx, f"recall@K of the needle's chunk (top-{report['prefill']['top_k']})")):
         axis.axvline(report["trained_length"], color="gray", alpha=0.4)
         axis.set_xscale("log", base=2)
@@ -403,6 +450,9 @@ def plot_depth_curve(report: dict, out: Path):
             cells = curve.get(label, {}).get(L)
             if cells:
                 _errorbar(ax, [float(d) for d in cells], list(cells.values()), fmt=style, label=label)
+            if label == "prefill" and cells and all("ci95_needle_whole" in c for c in cells.values()):
+                whole = [{"accuracy": c["accuracy_needle_whole"], "ci95": c["ci95_needle_whole"]} for c in cells.values()]
+                _errorbar(ax, [float(d) for d in cells], whole, fmt="C0:", label="prefill, needle not cut by a chunk boundary")
         ax.set_title(f"{L} tokens", fontsize=9)
         ax.set_xlabel("needle depth")
         ax.set_ylim(0, 1.02)
