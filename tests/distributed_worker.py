@@ -5,7 +5,8 @@
 ``select``: chunk-parallel generate for each knob set of CASES (and a batch with fewer chunks than
 ranks), then a prefill record sent from rank 0 and decoded on rank 1; each rank writes what it got
 to OUT/rank<r>.json for the test to compare with one process. ``hang``: rank 1 stops answering
-during scoring; rank 0 must end with a DistributedError after its short timeout.
+during scoring; rank 0 must end with a DistributedError after its short timeout. ``crash``: rank 1
+fails during scoring; the job must end with its error.
 """
 
 import json
@@ -53,9 +54,16 @@ def main(ckpt, out, scenario):
     rank = distributed.rank()
     model = from_pretrained(ckpt, torch.float32)
     batch, tiny = batches(model)
-    if scenario == "hang":
-        if rank == 1:
+    if scenario in ("hang", "crash"):
+        if rank == 1 and scenario == "hang":
             time.sleep(60)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
+        if rank == 1 and scenario == "crash":
+            import pdllm.prefill
+
+            def fail(*args, **kwargs):
+                raise RuntimeError("rank 1 failed mid-way through scoring (injected by the test)")
+
+            pdllm.prefill.score_requests_attention = fail
         run(model, batch, top_k=2, chunk_parallel=True)
         return
     got = {name: run(model, batch, chunk_parallel=True, **knobs) for name, knobs in CASES.items()}

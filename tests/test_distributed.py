@@ -103,11 +103,14 @@ def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_reco
 
 
 @pytest.mark.slow  # a real torchrun job of 2 ranks
-def test_a_rank_that_stops_answering_ends_the_job_with_a_clear_error(llada_dir, tmp_path):
+@pytest.mark.parametrize("scenario, error", [
+    ("hang", "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2"),
+    ("crash", "rank 1 failed mid-way through scoring")])
+def test_a_rank_that_stops_answering_or_fails_ends_the_job_with_a_clear_error(llada_dir, tmp_path, scenario, error):
     t0 = time.perf_counter()
-    job = torchrun([WORKER, llada_dir, tmp_path, "hang"], timeout=120)
+    job = torchrun([WORKER, llada_dir, tmp_path, scenario], timeout=120)
     assert job.returncode != 0
-    assert "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2" in job.stderr
+    assert error in job.stderr
     assert time.perf_counter() - t0 < 60  # the 5 s timeout, not rank 1's 60 s sleep
 
 
