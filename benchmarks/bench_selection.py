@@ -46,16 +46,6 @@ GEN = dict(gen_length=32, block_length=32, steps=32)
 
 # ---- shared -----------------------------------------------------------------------------------
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def write(results: dict, out: str | None):
     if out:  # after every case, so a run cut off by its time limit still leaves its numbers
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
@@ -63,19 +53,11 @@ def write(results: dict, out: str | None):
 
 # ---- quality on the toy model -----------------------------------------------------------------
 
-def needle_chunks(context: list[int], answer_ids: list[int], chunk_size: int) -> set[int]:
-    """The chunks (bos_added chunking: chunk i = context[i*cs : (i+1)*cs]) holding any token of an
-    occurrence of the answer's tokens."""
-    n, hits = len(answer_ids), set()
-    for j in range(len(context) - n + 1):
-        if context[j : j + n] == answer_ids:
-            hits.update(range(j // chunk_size, (j + n - 1) // chunk_size + 1))
-    return hits
-
-
 def quality(args) -> dict:
-    from pdllm.cli import EMBEDDED_MODEL, load_model
     from pdllm.data.synthetic import make_examples
+    from pdllm.eval.harness import DEFAULT_PREFILL
+    from pdllm.eval.metrics import needle_recalled, wilson_interval
+    from pdllm.loading import EMBEDDED_MODEL, load_model
     from pdllm.prefill import Prefill, PrefillConfig
     from pdllm.sampler import GenerationConfig, generate
 
@@ -83,20 +65,20 @@ def quality(args) -> dict:
     model, tok = load_model(EMBEDDED_MODEL, "cpu")
     L = model.cfg.n_layers
     gen = GenerationConfig(gen_length=16, block_length=16, steps=16, threshold=0.9)  # pdllm eval's defaults
-    base = dict(chunk_size=64, top_k=4)  # pdllm eval's: 16 chunks at 1024 tokens
+    base = DEFAULT_PREFILL  # pdllm eval's, the toy model's chunk size
     layers = {} if args.score_layers is None else dict(score_layers=args.score_layers)
-    settings = [(f"depth={d}", dict(score_depth=d, **layers)) for d in range(1, L + 1)]
+    depths = args.depths or range(1, L + 1)
+    settings = [(f"depth={d}", dict(score_depth=d, **layers)) for d in depths]
     if not args.depths_only:
         settings += [("chunk_query, encoded once", dict(cache_mode="chunk_query")),
                      ("chunk_query, encoded again", dict(cache_mode="chunk_query", encode_once=False))]
-    results = {"model": "embedded toy model (pdllm/assets/toy)", "n_layers": L, "device": "cpu",
+    results = {"model": f"embedded toy model (pdllm/assets/toy, {L} layers, trained at {model.cfg.max_positions} positions)",
+               "n_layers": L, "device": "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "generation": vars(gen),
-               "prefill": base, "score_layers": args.score_layers or PrefillConfig().score_layers, "context_tokens": args.length, "tasks": args.tasks, "n_per_task": args.n,
+               "prefill": base, "score_layers": args.score_layers or PrefillConfig().score_layers, "context_tokens": args.length, "tasks": args.tasks, "n_per_task": args.n, "command": args.command,
                "interval": "Wilson 95%", "settings": []}
     examples = [e for t in args.tasks for e in make_examples(t, args.n, args.length, seed="selection", tokenizer=tok.tk)]
     prompts = [tok.long_context_prompt(e.context, e.question) for e in examples]
-    needles = [needle_chunks(p.context, tok.encode(e.answer), base["chunk_size"]) for p, e in zip(prompts, examples)]
-    results["needle_found"] = sum(bool(s) for s in needles)
 
     def run(method_factory):
         correct, selected, seconds = [], [], 0.0
@@ -113,11 +95,10 @@ def quality(args) -> dict:
     def summary(label, knobs, correct, selected, seconds):
         row = {"label": label, "prefill": knobs, "seconds": seconds, "correct": [int(c) for c in correct]}
         k = sum(correct)
-        row.update(exact_match=k / len(correct), exact_match_interval=wilson(k, len(correct)))
-        if selected[0] is not None:
-            found = [i for i, s in enumerate(needles) if s]
-            hits = sum(bool(needles[i] & set(selected[i])) for i in found)
-            row.update(needle_recall=hits / len(found), needle_recall_interval=wilson(hits, len(found)))
+        row.update(exact_match=k / len(correct), exact_match_interval=wilson_interval(k, len(correct)))
+        if selected[0] is not None:  # recall@K: every chunk the answer's needle overlaps is among the K kept
+            hits = sum(needle_recalled(e.needle_span, base["chunk_size"], sel) for e, sel in zip(examples, selected))
+            row.update(needle_recall=hits / len(examples), needle_recall_interval=wilson_interval(hits, len(examples)))
         per_task = {}
         for t in args.tasks:
             idx = [i for i, e in enumerate(examples) if e.task == t]
@@ -135,10 +116,10 @@ def quality(args) -> dict:
         summary("dense (vanilla)", None, *run(Vanilla))
     for label, knobs in settings:
         summary(label, knobs, *run(lambda: Prefill(**base, **knobs)))
-    full = next(r for r in results["settings"] if r["label"] == f"depth={L}")
-    for row in results["settings"]:  # paired against full depth on the same examples
+    full = next(r for r in results["settings"] if r["label"] == f"depth={max(depths)}")
+    for row in results["settings"]:  # paired against the deepest setting on the same examples
         a, b = row["correct"], full["correct"]
-        row["vs_full_depth"] = {"better": sum(x > y for x, y in zip(a, b)), "worse": sum(x < y for x, y in zip(a, b))}
+        row[f"vs_depth={max(depths)}"] = {"better": sum(x > y for x, y in zip(a, b)), "worse": sum(x < y for x, y in zip(a, b))}
     write(results, args.out)
     return results
 
@@ -328,17 +309,31 @@ def plot(args):
     quality_jsons = [json.loads(Path(q).read_text()) for q in args.quality]
     out = Path(args.speed).with_suffix("")
     L = 32
-    runs = [r for r in speed_json["runs"] if "total_s" in r and r["method"].startswith("prefill depth=")]
+    flagged = [(f["context_tokens"], f["method"]) for f in speed_json.get("not_steady_state", []) if "method" in f]
+    runs = [r for r in speed_json["runs"] if "total_s" in r and r["method"].startswith("prefill")]
     contexts = sorted({r["context_tokens"] for r in runs})
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for n in contexts:
-        rs = sorted((r for r in runs if r["context_tokens"] == n), key=lambda r: int(r["method"].split("=")[1]))
-        depths = [int(r["method"].split("=")[1]) for r in rs]
-        a.plot(depths, [r["score_s"] for r in rs], "o-", label=f"{n // 1024}K")
-        if all("speedup_vs_dual" in r for r in rs):
-            b.plot(depths, [r["speedup_vs_dual"] for r in rs], "o-", label=f"{n // 1024}K vs dual")
+        rs = sorted((r for r in runs if r["context_tokens"] == n and "chunk_query" not in r["method"]),
+                    key=lambda r: int(r["method"].split("=")[1]))
+        steady = [r for r in rs if (n, r["method"]) not in flagged]
+        depths = [int(r["method"].split("=")[1]) for r in steady]
+        (h,) = a.plot(depths, [r["score_s"] for r in steady], "o-", label=f"{n // 1024}K")
+        b.plot(depths, [r["speedup_vs_dual"] for r in steady], "o-", color=h.get_color(), label=f"{n // 1024}K")
+        for r in rs:
+            if (n, r["method"]) in flagged:  # a one-time recompile inside the timing: drawn hollow, not joined
+                d = int(r["method"].split("=")[1])
+                a.plot([d], [r["score_s"]], "o", mfc="none", color=h.get_color())
+                b.plot([d], [r["speedup_vs_dual"]], "o", mfc="none", color=h.get_color())
+        for r in runs:
+            if r["context_tokens"] == n and "chunk_query" in r["method"]:
+                d = int(r["method"].split("=")[1])
+                a.plot([d], [r["score_s"]], "x", ms=9, color=h.get_color())
+                b.plot([d], [r["speedup_vs_dual"]], "x", ms=9, color=h.get_color())
+    a.plot([], [], "kx", label="chunk_query, encoded once")
+    a.plot([], [], "ko", mfc="none", label="includes a one-time recompile")
     a.set(xlabel="scoring depth (layers of 32)", ylabel="scoring time (s)", title="scoring time vs depth")
-    b.set(xlabel="scoring depth (layers of 32)", ylabel="end-to-end speedup", title="end to end vs dual, same run")
+    b.set(xlabel="scoring depth (layers of 32)", ylabel="end-to-end speedup over dual", title="end to end vs dual, same run")
     a.legend(), b.legend()
     env = speed_json["environment"]
     fig.suptitle(f"{env.get('gpu', env.get('device', '?'))}, torch {env['torch']}, LLaDA-8B shape, random bf16", fontsize=9)
@@ -367,9 +362,16 @@ def plot(args):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for key in dict.fromkeys((r["score_depth"], r["cache_mode"]) for r in speed_json["batched"]):
             rows = [r for r in speed_json["batched"] if (r["score_depth"], r["cache_mode"]) == key]
+            bad = [(f["batch"], f["score_depth"], f["cache_mode"]) for f in speed_json.get("not_steady_state", [])
+                   if f.get("batched")]
             line = [r for r in rows if not r["one_after_another"]]
-            (h,) = ax.plot([r["batch"] for r in line], [r["output_tokens_per_s"] for r in line], "o-",
+            ok = [r for r in line if (r["batch"], *key) not in bad]
+            (h,) = ax.plot([r["batch"] for r in ok], [r["output_tokens_per_s"] for r in ok], "o-",
                            label=f"depth {key[0]}, {key[1]}: batched")
+            for r in line:
+                if (r["batch"], *key) in bad:
+                    ax.plot([r["batch"]], [r["output_tokens_per_s"]], "o", mfc="none", color=h.get_color(),
+                            label="includes a one-time recompile")
             for r in rows:
                 if r["one_after_another"]:
                     ax.plot([r["batch"]], [r["output_tokens_per_s"]], "s", color=h.get_color(),
@@ -405,7 +407,8 @@ def main(argv=None):
     q = sub.add_parser("quality", help="toy-model accuracy and needle recall against depth (CPU)")
     q.add_argument("--tasks", nargs="+", default=["passkey", "multikey_needle", "kv_lookup"])
     q.add_argument("--n", type=int, default=60, help="examples per task")
-    q.add_argument("--length", type=int, default=1024)
+    q.add_argument("--length", type=int, default=2048, help="context tokens (the toy model's trained length)")
+    q.add_argument("--depths", type=int, nargs="*", default=None, help="scoring depths (default: 1..n_layers)")
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--score-layers", type=int, default=None, help="layers read at or below the depth (default: PrefillConfig's)")
