@@ -145,7 +145,7 @@ def main(argv=None):
     report = {"environment": environment(), "gpu_count": torch.cuda.device_count(), "smoke": args.smoke,
               "model": "LLaDA-8B shape, random bf16" if not args.smoke else "smoke: 2 layers, fp32, CPU",
               "knobs": KNOBS, "generation": dict(gen_length=32, block_length=32, steps=32),
-              "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+              "nccl": str(torch.cuda.nccl.version()) if torch.cuda.is_available() else None,
               "multicast_off": distributed.MULTICAST_OFF, "rows": rows, "targets": targets}
     for r in rows:
         print(f"{r['gpus']} GPU(s) {r['context']:>7d} tokens: scoring {r['score_s']:.3f} s  end to end "

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 600
-# NVLink multicast stays off on the lent multi-GPU machines: a program using it can take the host's
-# shared GPUs out of service (/work/.library/device/KINDS.md). A value already set is kept.
+# NVLink multicast (NVLS) stays off unless a variable says otherwise: on a shared multi-GPU host a
+# program using it can take the host's GPUs out of service for everybody.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
