@@ -72,7 +72,7 @@ def quality(args) -> dict:
     if not args.depths_only:
         settings += [("chunk_query, encoded once", dict(cache_mode="chunk_query")),
                      ("chunk_query, encoded again", dict(cache_mode="chunk_query", encode_once=False))]
-    results = {"model": f"embedded toy model (pdllm/assets/toy, {L} layers, trained at {model.cfg.max_positions} positions)",
+    results = {"model": f"embedded toy model (pdllm/assets/toy, {L} layers, max_positions {model.cfg.max_positions})",
                "n_layers": L, "device": "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "generation": vars(gen),
                "prefill": base, "score_layers": args.score_layers or PrefillConfig().score_layers, "context_tokens": args.length, "tasks": args.tasks, "n_per_task": args.n, "command": args.command,
