@@ -381,6 +381,16 @@ def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(l
         assert_close(a, b, torch.float32)
 
 
+def test_encode_once_probe_holds_only_the_chunk_rows(llada):
+    """The K/V kept while scoring is the chunk's rows alone, not views of the layer's whole output."""
+    seq = torch.randint(3, 200, (2, 20))
+    probe = AttentionProbe([1], slice(14, 20), slice(4, 12), pool_kernel=1, keep_kv=True)
+    llada(seq, torch.arange(20).expand(2, 20), cache=probe)
+    assert len(probe.k) == len(probe.v) == llada.cfg.n_layers
+    for t in probe.k + probe.v:
+        assert t.shape[2] == 8 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_streamed_top_k_holds_exactly_the_chunks_select_chunks_picks():
     from pdllm.cache import ChunkKVCache
     from pdllm.prefill import StreamedTopK

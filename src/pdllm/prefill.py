@@ -205,9 +205,9 @@ class AttentionProbe:
 
     def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
         out = dense_attention(q, k, v, mask, backend)
-        if self.keep_kv:
-            self.k.append(k[:, :, self.key_rows])
-            self.v.append(v[:, :, self.key_rows])
+        if self.keep_kv:  # copies of the chunk rows: a view would keep the layer's whole q/k/v output alive
+            self.k.append(k[:, :, self.key_rows].clone())
+            self.v.append(v[:, :, self.key_rows].clone())
         if layer in self.layers:
             B, Hkv, T, D = k.shape
             pool_k = k.transpose(0, 1).reshape(Hkv, B * T, D)  # the batch's keys as one pool
