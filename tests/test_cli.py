@@ -252,7 +252,7 @@ def test_steps_beyond_gen_length_and_context_beyond_trained_positions_warn_once(
     warned = [line for line in err.splitlines() if line.startswith("pdllm: warning:")]
     assert warned[0] == ("pdllm: warning: steps=16 is more than gen_length=8: a step unmasks at least one token, so "
                          "decoding takes 8 steps (set steps <= gen_length)")
-    assert warned[1].startswith("pdllm: warning: the request is ") and "more than the 32 positions the model was trained" \
+    assert warned[1].startswith("pdllm: warning: vanilla places this request's tokens at ") and "more than the 32 positions the model was trained" \
         in warned[1] and len(warned) == 2
     assert main(argv) == 0
     assert "pdllm: warning:" not in capsys.readouterr().err  # once per process

@@ -2,6 +2,7 @@
 
 import gc
 import math
+import warnings
 import weakref
 
 import pytest
@@ -52,6 +53,23 @@ def test_chunk_query_with_everything_selected_decodes(llada):
     out = generate(llada, [request_of(llada)], GenerationConfig(gen_length=8, block_length=8, steps=8),
                    method="prefill", chunk_size=8, top_k=100, cache_mode="chunk_query")
     assert (out.tokens != llada.cfg.mask_id).all() and out.stats["kv_rows"][0] > 45
+
+
+def test_the_trained_length_warning_counts_the_positions_a_method_runs_at(llada, monkeypatch):
+    """A 200-token request on a model trained at 64 positions: the dense cache runs all 200 of them
+    (warned), prefill with 2 chunks of 8 kept places prefix + 18 rows + query + answer (not warned)."""
+    from pdllm import sampler
+
+    monkeypatch.setattr(llada.cfg, "max_positions", 64)
+    req, gc = request_of(llada, context_len=180), GenerationConfig(gen_length=8, block_length=8, steps=8)
+    for method, knobs, warns in (("prefill", dict(chunk_size=8, top_k=2), False), ("dual", {}, True)):
+        monkeypatch.setattr(sampler, "_warned", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate(llada, [req], gc, method=method, **knobs)
+        messages = [str(w.message) for w in caught if "positions the model was trained on" in str(w.message)]
+        assert bool(messages) == warns, (method, messages)
+    assert messages[0].startswith("dual places this request's tokens at 200 positions (prompt 192 + answer 8 tokens)")
 
 
 # ---- 1. chunking -------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.sampler import GenerationConfig, GenerationOutput, make_batch, select_transfer, synchronize
+from pdllm.sampler import (GenerationConfig, GenerationOutput, make_batch, select_transfer, synchronize,
+                           warn_beyond_trained_positions)
 from pdllm.tokenizer import LongContextPrompt
 
 # The official README's best LongBench run decodes 32 tokens in one block of 32, threshold 0.9,
@@ -127,6 +128,7 @@ def generate_official(model, prompts, config: GenerationConfig, method) -> Gener
     synchronize(dev)
     t0 = time.perf_counter()
     method.begin(model, batch)
+    warn_beyond_trained_positions(model, method, batch)
     synchronize(dev)
     t1 = time.perf_counter()
     nfe = 0

@@ -695,6 +695,7 @@ class Prefill:
         self.layouts, self.gen_length = layouts, gen_length
         self.tokens = [torch.tensor(lay.tokens, device=model.device) for lay in layouts]
         self.positions = [torch.tensor(lay.positions, device=model.device) for lay in layouts]
+        self.positions_used = max(max(lay.positions) + 1 for lay in layouts)  # the sampler's trained-length check
 
     # Prefill-decode disaggregation (pdllm.distributed): the state ``begin`` leaves is one record.
 

@@ -151,14 +151,23 @@ def make_batch(model, prompts, config: GenerationConfig, pad_id: int) -> Batch:
     if any(len(r) == 0 for r in rows):
         raise ValueError("empty prompt: every prompt needs at least one token")
     P, mask_id = max(map(len, rows)), model.cfg.mask_id
-    if P + config.gen_length > model.cfg.max_positions:
-        warn_once("positions", f"the request is {P + config.gen_length} tokens (prompt {P} + answer "
-                  f"{config.gen_length}), more than the {model.cfg.max_positions} positions the model was trained on "
-                  "(config.json max_sequence_length or max_position_embeddings); answers may degrade")
     x, valid, pos = left_pad([r + [mask_id] * config.gen_length for r in rows], pad_id)
     dev = model.device
     key_mask = None if valid.all() else valid.to(dev)
     return Batch(x.to(dev), pos.to(dev), key_mask, P, list(prompts), config, mask_id)
+
+
+def warn_beyond_trained_positions(model, method, batch: Batch):
+    """Warn once when decoding places tokens beyond the positions the model was trained on. A method
+    that lays its rows out itself (prefill: the selected chunks, packed) says how many positions it
+    uses (``positions_used``); the others run the padded sequence as it is."""
+    used = getattr(method, "positions_used", None)
+    used = batch.prompt_len + batch.config.gen_length if used is None else used
+    if used > model.cfg.max_positions:
+        warn_once("positions", f"{method.name} places this request's tokens at {used} positions (prompt "
+                  f"{batch.prompt_len} + answer {batch.config.gen_length} tokens), more than the "
+                  f"{model.cfg.max_positions} positions the model was trained on (config.json max_sequence_length "
+                  "or max_position_embeddings); answers may degrade")
 
 
 def _prompt_ids(p) -> list[int]:
@@ -335,6 +344,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
     synchronize(dev)
     t0 = time.perf_counter()
     method.begin(model, batch)
+    warn_beyond_trained_positions(model, method, batch)
     synchronize(dev)
     t1 = time.perf_counter()
     nfe, B = 0, x.shape[0]
