@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from pdllm.data.synthetic import TASKS, make_example, make_grid, packed_sequence, piece_encoder, split_passages
 from pdllm.data.toy_tokenizer import build_toy_tokenizer
 from pdllm.data.toy_tokenizer import save as save_tokenizer
+from pdllm.environment import environment
 from pdllm.model import ModelConfig, Transformer, from_pretrained, save_pretrained
 from pdllm.sampler import left_pad
 from pdllm.tokenizer import Tokenizer
@@ -379,7 +380,7 @@ def _recipe_table(recipe: dict | None) -> str:
 
 
 def write_model_card(out: Path, cfg: TrainConfig, mcfg: ModelConfig, info: dict, results: dict):
-    n_params = info["n_params"]
+    n_params, env = info["n_params"], info.get("environment", {})
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     lengths = sorted({L for t in results["tasks"].values() for L in t}, key=int)
     rows = []
@@ -451,7 +452,7 @@ AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr}, {cfg.
 {_recipe_table(recipe)}{f"- initialised from the weights of `{Path(info['init_from']).name}` (a fresh optimizer); the steps below are this run's" + chr(10) if info.get('init_from') else ""}{f"- grown from {grown} to {mcfg.n_layers} layers (`grow_layers`: each layer followed by copies of itself whose output projections are zero, so training starts from the checkpoint's function)" + chr(10) if grown else ""}- steps: {info['steps_done']}{f" (STOPPED EARLY of {cfg.steps_to_run} planned: time limit)" if info['steps_done'] < cfg.steps_to_run else ""}, seed: {cfg.seed}, tokens seen: {info['tokens_seen'] / 1e6:.1f} M
 - final training loss (last 10% of steps): {info['final_loss']:.4f}; accuracy on masked answer tokens {info['final_masked_acc']:.3f}
 - wall time: {info['train_seconds'] / 60:.1f} min training, {info['total_seconds'] / 60:.1f} min in all, on {info['device_name']}
-- torch {torch.__version__}, Python {platform.python_version()}
+- torch {env.get('torch', torch.__version__)}, Python {env.get('python', platform.python_version())}
 - command: `{info['command']}`
 
 ## Dense accuracy (held-out)
@@ -744,7 +745,7 @@ def train(argv, recipe: dict | None = None) -> int:
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "final_masked_acc": sum(r["masked_acc"] for r in tail) / len(tail),
             "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'cpu'})",
-            "init_from": args.init_from, "grown_from_layers": args.grow_from, "recipe": recipe,
+            "environment": environment(), "init_from": args.init_from, "grown_from_layers": args.grow_from, "recipe": recipe,
             "command": "python -m pdllm.train_toy " + " ".join(shlex.quote(a) for a in
                                                                (sys.argv[1:] if argv is None else argv))}
     (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "model": asdict(mcfg), "info": info,

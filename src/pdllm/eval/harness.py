@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from pdllm import distributed
+from pdllm.environment import environment
 from pdllm.sampler import GenerationConfig, generate
 
 DEFAULT_PREFILL = dict(chunk_size=128, top_k=4, score_batch=64)  # the toy model's chunk size (see its card)
@@ -605,7 +606,7 @@ def main(argv=None) -> int:
     prefill = {**DEFAULT_PREFILL, "chunk_size": args.chunk_size, "top_k": args.top_k}
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model.name, "device": torch.cuda.get_device_name(model.device) if device.startswith("cuda")
-              else "cpu", "torch": torch.__version__, "prefill": prefill, "date": time.strftime("%Y-%m-%d"),
+              else "cpu", "environment": environment(), "prefill": prefill,
               "command": "pdllm eval " + " ".join(argv if argv is not None else sys.argv[1:])}
 
     if examples is not None:
