@@ -12,9 +12,9 @@ The method, in the order it runs (``Prefill.begin``):
    (prefix + [BOS + chunk] + query + [MASK] * n); the attention of the query and answer-slot rows
    to the chunk's keys in the last layers, max-pooled along tokens, summed over heads, averaged
    over layers and tokens, is the chunk's score. The answer slots are where a diffusion model will
-   decode the answer, so their attention says where the answer is (the official code scores the
-   query rows alone: ``score_slots=0``; on our toy model that finds the passkey's chunk in the
-   top 4 for 2 of 10 examples, with 16 slots for 10 of 10). ``score_depth`` exits early: the
+   decode the answer, so their attention says where the answer is; the query's own rows attend
+   to what the question is about, not to where its answer sits (the official code scores the
+   query rows alone: ``score_slots=0``). ``score_depth`` exits early: the
    scoring forward runs that many layers and reads the last ``score_layers`` of them (GemFilter).
    ``draft``: a short draft answer is decoded from prefix + query alone; a chunk's score is how
    likely it makes the draft: the mean log-probability of the draft tokens given prefix + [BOS +
