@@ -11,8 +11,9 @@ import torch
 from pdllm.attention import reference_attention
 from pdllm.cache import KVRecorder
 from pdllm.methods import make_method
-from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, keep_tokens, pool_tokens,
-                           score_chunks_attention, score_chunks_draft, select_chunks, split_chunks)
+from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, draft_answer, keep_tokens,
+                           pool_tokens, score_chunks_attention, score_chunks_draft, score_requests_draft,
+                           select_chunks, split_chunks)
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
@@ -340,11 +341,49 @@ def test_batched_prefill_gives_each_request_its_own_answer(llada, knobs):
             assert together.stats["selected"][row] == alone.stats["selected"][0]
             assert_close(together_method.scores[row], alone_method.scores[0], torch.float32)
     assert not torch.isnan(together.tokens.float()).any()
-    if knobs.get("score") != "draft":  # chunks of one shape share scoring forwards, block starts one re-encode
-        assert batched.n < serial.n
+    assert batched.n < serial.n  # chunks of one shape share scoring forwards, block starts one re-encode
     assert together.stats["reencode_s"] > 0 and together.stats["encode_once"] == (
         knobs.get("cache_mode") == "chunk_query" and "score_depth" not in knobs and knobs.get("encode_once", True))
 
+
+
+@pytest.mark.parametrize("model_name, likelihood", [("llada", "masked"), ("dream", "causal"),
+                                                    ("llada", "leave_one_out")])
+@pytest.mark.parametrize("draft", [dict(draft_decoder="sampler", draft_scored="all"),
+                                   dict(draft_decoder="confidence", draft_rounds=1, draft_scored="confirmed")])
+def test_draft_scoring_batched_across_requests_equals_each_request_alone(model_name, likelihood, draft, request):
+    """Every request's (prefix + chunk + query + draft) rows share the scoring forwards: the same
+    scores, selection and tokens as each request alone, in fewer forwards. The confirmed drafts
+    leave different slots unread per request, which must not leak from one row to another."""
+    model = request.getfixturevalue(model_name)
+    gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
+    batch = [request_of(model, n, seed=s) for s, n in ((0, 45), (1, 20), (2, 33))]
+    knobs = dict(chunk_size=8, top_k=2, score="draft", draft_likelihood=likelihood, **draft)
+    drafts = [draft_answer(model, req, PrefillConfig(**knobs)) for req in batch]
+    if draft["draft_scored"] == "confirmed":
+        assert all(1 <= sum(s) < 4 for _, s in drafts)  # some slots unread, so the confirmed path is exercised
+    together_method = Prefill(**knobs)
+    with ForwardCounter(model) as batched:
+        together = generate(model, batch, gc, method=together_method)
+    with ForwardCounter(model) as serial:
+        for row, req in enumerate(batch):
+            alone_method = Prefill(**knobs)
+            alone = generate(model, [req], gc, method=alone_method)
+            assert_close(together_method.scores[row], alone_method.scores[0], torch.float32)
+            assert together.stats["selected"][row] == alone.stats["selected"][0]
+            assert torch.equal(together.tokens[row], alone.tokens[0])
+    assert batched.n < serial.n
+    # the scoring alone, every row in one batch: one forward per row length (the full chunks of all
+    # three requests share one, each short last chunk has its own) against two per request alone
+    cfg = PrefillConfig(**knobs, score_batch=128)
+    chunks = [split_chunks(req.context, 8, model.cfg.bos_id) for req in batch]
+    with ForwardCounter(model) as shared:
+        scores = score_requests_draft(model, batch, chunks, drafts, cfg)
+    with ForwardCounter(model) as one_by_one:
+        for req, cs, (d, s), together_scores in zip(batch, chunks, drafts, scores):
+            assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
+    lengths = {len(req.prefix + c + req.query) for req, cs in zip(batch, chunks) for c in cs}
+    assert shared.n == len(lengths) == 4 and one_by_one.n == 2 * len(batch)
 
 def scored_kv(model, prompt, chunk, rows, shift):
     """K/V (L, Hkv, C, D) of a chunk's rows from a fresh forward of prefix + chunk + rows at

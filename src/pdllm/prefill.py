@@ -375,61 +375,96 @@ def draft_answer(model, prompt: LongContextPrompt, cfg: PrefillConfig) -> tuple[
     return draft, confirmed if cfg.draft_scored == "confirmed" else [True] * n
 
 
-def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig,
-                       scored: list[bool] | None = None) -> torch.Tensor:
+@dataclass
+class DraftJob:
+    """One chunk's draft-likelihood row: prefix + chunk + query + draft (shown as the mode wants),
+    the logit rows (or, leave one out, the token positions) first.. that predict ``targets``, and
+    which targets are ``read`` (the query and the scored draft slots)."""
+
+    request: int
+    chunk: int
+    tokens: list[int]
+    first: int
+    targets: list[int]
+    read: list[bool]
+
+
+def score_requests_draft(model, prompts, chunks, drafts, cfg: PrefillConfig) -> list[torch.Tensor]:
     """Chunk score = mean log-probability of the draft (higher = the chunk supports the answer).
 
     ``masked`` (bidirectional models, LLaDA): the draft slots are [MASK]; score the true draft
     token at each slot — the masked-diffusion likelihood. ``causal`` (AR-initialised, Dream): a
     causal mask, and the log-probability of every query and draft token given what precedes it.
     ``leave_one_out`` (the official code's LLaDA score): every query and draft token scored with
-    itself alone masked, full attention, one row per token. ``scored`` (default all) says which
-    draft slots count; the others stay in the row as they are (official: [MASK]) and are not read.
+    itself alone masked, full attention, one row per token. ``drafts[b]`` is request b's (draft,
+    scored): ``scored`` says which draft slots count; the others stay in the row as they are
+    (official: [MASK]) and are not read.
+
+    The rows of every request go through shared forwards, grouped by shape (the same length and
+    the same logit rows read). Returns (n_chunks,) fp32 per request.
     """
     mode = cfg.draft_likelihood or ("causal" if model.cfg.logit_shift else "masked")
-    dev, mask_id, P, Q, d = model.device, model.cfg.mask_id, len(prompt.prefix), len(prompt.query), len(draft)
-    scored = [True] * d if scored is None else list(scored)
-    keep = torch.tensor(scored if mode == "masked" else [True] * Q + scored, device=dev)  # columns read
-    if not keep.any():
-        raise ValueError("no draft token is scored: keep at least one slot")
-    scores = torch.empty(len(chunks))
-    for ids in _batches([len(c) for c in chunks], cfg.score_batch):
-        C = len(chunks[ids[0]])
-        shown = [mask_id] * d if mode == "masked" else draft
-        idx = torch.tensor([prompt.prefix + chunks[i] + prompt.query + shown for i in ids], device=dev)
-        T = idx.shape[1]
+    dev, mask_id = model.device, model.cfg.mask_id
+    jobs = []
+    for b, (prompt, cs, (draft, scored)) in enumerate(zip(prompts, chunks, drafts)):
+        P, Q, d = len(prompt.prefix), len(prompt.query), len(draft)
+        read = list(scored) if mode == "masked" else [True] * Q + list(scored)
+        if not any(read):
+            raise ValueError("no draft token is scored: keep at least one slot")
+        shown = [mask_id] * d if mode == "masked" else list(draft)
+        targets = list(draft) if mode == "masked" else prompt.query + list(draft)
+        for i, c in enumerate(cs):
+            tokens = prompt.prefix + c + prompt.query + shown
+            first = {"masked": len(tokens) - d,  # the slots' own logits
+                     "causal": P + len(c) - 1,  # row t - 1 predicts token t
+                     "leave_one_out": P + len(c)}[mode]  # the positions masked one at a time
+            jobs.append(DraftJob(b, i, tokens, first, targets, read))
+    scores = [torch.empty(len(cs)) for cs in chunks]
+    if mode == "leave_one_out":  # one row per (job, token read), batched across jobs of one length
+        pairs = [(j, job.first + t) for j, job in enumerate(jobs) for t, r in enumerate(job.read) if r]
+        logp = _leave_one_out_logp(model, [job.tokens for job in jobs], pairs, cfg.score_batch)
+        per_job: list[list[torch.Tensor]] = [[] for _ in jobs]
+        for (j, _), lp in zip(pairs, logp):
+            per_job[j].append(lp)
+        for job, lps in zip(jobs, per_job):
+            scores[job.request][job.chunk] = torch.stack(lps).mean()
+        return scores
+    for ids in _batches([(len(job.tokens), job.first) for job in jobs], cfg.score_batch):
+        group = [jobs[j] for j in ids]
+        T, first, n = len(group[0].tokens), group[0].first, len(group[0].targets)
+        idx = torch.tensor([job.tokens for job in group], device=dev)
         pos = torch.arange(T, device=dev).expand_as(idx)
-        target = torch.tensor(draft, device=dev)
-        if mode == "leave_one_out":
-            at = keep.nonzero().squeeze(1) + P + C  # the scored tokens' rows
-            scores[ids] = _leave_one_out_logp(model, idx, at, cfg.score_batch).mean(dim=1).cpu()
-            continue
-        if mode == "masked":
-            logits = model(idx, pos, logits_slice=slice(T - d, T)).float()  # (B, d, V)
-        else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            logits = model(idx, pos, mask=causal, logits_slice=slice(P + C - 1, T - 1)).float()
-            target = torch.cat([torch.tensor(prompt.query, device=dev), target])
-        logp = logits.log_softmax(dim=-1).gather(-1, target.expand(len(ids), -1)[..., None]).squeeze(-1)
-        scores[ids] = logp[:, keep].mean(dim=1).cpu()
+        mask = None if mode == "masked" else torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        logits = model(idx, pos, mask=mask, logits_slice=slice(first, first + n)).float()  # (B, n, V)
+        target = torch.tensor([job.targets for job in group], device=dev)
+        logp = logits.log_softmax(dim=-1).gather(-1, target[..., None]).squeeze(-1).cpu()  # (B, n)
+        for row, job in enumerate(group):  # each row its own request's slots read
+            scores[job.request][job.chunk] = logp[row, torch.tensor(job.read)].mean()
     return scores
 
 
-def _leave_one_out_logp(model, idx: torch.Tensor, at: torch.Tensor, batch: int) -> torch.Tensor:
-    """log p(idx[b, a] | idx[b] with position a alone masked) for every row b and a in ``at``: (B, len(at)).
-    The (row, position) pairs run ``batch`` per forward, full attention, positions 0..T-1."""
-    B, T = idx.shape
-    pairs = torch.cartesian_prod(torch.arange(B, device=idx.device), at)  # (B * A, 2): row, masked position
-    logp = torch.empty(len(pairs), device=idx.device)
-    for g in range(0, len(pairs), batch):
-        rows, cols = pairs[g : g + batch].unbind(1)
-        n = len(rows)
-        x = idx[rows].clone()
+def score_chunks_draft(model, prompt: LongContextPrompt, chunks, draft, cfg: PrefillConfig,
+                       scored: list[bool] | None = None) -> torch.Tensor:
+    """The draft scores of one request's chunks (see score_requests_draft); ``scored`` defaults to all."""
+    scored = [True] * len(draft) if scored is None else scored
+    return score_requests_draft(model, [prompt], [chunks], [(draft, scored)], cfg)[0]
+
+
+def _leave_one_out_logp(model, rows: list[list[int]], pairs: list[tuple[int, int]], batch: int) -> torch.Tensor:
+    """log p(rows[j][a] | rows[j] with position a alone masked) for each (j, a) of ``pairs``:
+    (len(pairs),). The pairs run ``batch`` per forward, full attention, positions 0..T-1, grouped
+    by row length, whichever row they come from."""
+    dev, logp = model.device, torch.empty(len(pairs))
+    for g in _batches([len(rows[j]) for j, _ in pairs], batch):
+        T, n = len(rows[pairs[g[0]][0]]), len(g)
+        x = torch.tensor([rows[pairs[p][0]] for p in g], device=dev)
+        cols = torch.tensor([pairs[p][1] for p in g], device=dev)
+        target = x[torch.arange(n), cols]
         x[torch.arange(n), cols] = model.cfg.mask_id
-        hidden = model(x, torch.arange(T, device=idx.device).expand(n, T), return_hidden=True)  # (n, T, C)
+        hidden = model(x, torch.arange(T, device=dev).expand(n, T), return_hidden=True)  # (n, T, C)
         logits = model.lm_head(hidden[torch.arange(n), cols]).float()  # (n, V)
-        logp[g : g + n] = logits.log_softmax(dim=-1).gather(-1, idx[rows, cols][:, None]).squeeze(1)
-    return logp.view(B, len(at))
+        logp[g] = logits.log_softmax(dim=-1).gather(-1, target[:, None]).squeeze(1).cpu()
+    return logp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +681,7 @@ class Prefill:
         def score(part):  # the scores of part[b], a list of request b's chunks, for every request
             if cfg.score == "attention":
                 return score_requests_attention(model, prompts, part, cfg, slots, keep)
-            return [score_chunks_draft(model, p, cs, d, cfg, s) for p, cs, (d, s) in zip(prompts, part, drafts)]
+            return score_requests_draft(model, prompts, part, drafts, cfg)
 
         if cfg.chunk_parallel:  # each rank scores its share (balanced by tokens), then all-gather
             weights = [[len(p.prefix) + len(c) + len(p.query) for c in cs] for p, cs in zip(prompts, chunks)]
