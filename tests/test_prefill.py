@@ -11,9 +11,9 @@ import torch
 from pdllm.attention import reference_attention
 from pdllm.cache import KVRecorder
 from pdllm.methods import make_method
-from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, draft_answer, keep_tokens,
-                           pool_tokens, score_chunks_attention, score_chunks_draft, score_requests_draft,
-                           select_chunks, split_chunks)
+from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, draft_answer, draft_answers,
+                           keep_tokens, pool_tokens, score_chunks_attention, score_chunks_draft,
+                           score_requests_draft, select_chunks, split_chunks)
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
@@ -384,6 +384,30 @@ def test_draft_scoring_batched_across_requests_equals_each_request_alone(model_n
             assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
     lengths = {len(req.prefix + c + req.query) for req, cs in zip(batch, chunks) for c in cs}
     assert shared.n == len(lengths) == 4 and one_by_one.n == 2 * len(batch)
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+@pytest.mark.parametrize("draft", [dict(draft_decoder="sampler"), dict(draft_decoder="confidence", draft_rounds=1),
+                                   dict(draft_decoder="confidence", draft_rounds=None, draft_threshold=0.2)])
+def test_drafts_decode_as_one_batch_equal_to_each_request_alone(model_name, draft, request):
+    """Prompts of different lengths (left padding, masked out of every key read) decode their
+    drafts together: each the draft it gets alone, in as many forwards as the longest-running one
+    alone (a row already full takes no further pick)."""
+    model = request.getfixturevalue(model_name)
+    base = [request_of(model, 20, seed=s) for s in range(3)]
+    prompts = [LongContextPrompt(p.prefix[: 6 - s], p.context, p.query[: 6 - 2 * s]) for s, p in enumerate(base)]
+    cfg = PrefillConfig(score="draft", draft_scored="confirmed", **draft)
+    with ForwardCounter(model) as together:
+        drafts = draft_answers(model, prompts, cfg)
+    alone = []
+    for p, d in zip(prompts, drafts):
+        with ForwardCounter(model) as count:
+            assert draft_answer(model, p, cfg) == d
+        alone.append(count.n)
+    assert together.n == max(alone) and len({len(p.prefix + p.query) for p in prompts}) == 3
+    if draft.get("draft_threshold"):  # until full: some row fills before the others and must stay as it is
+        assert min(alone) < max(alone)
+
 
 def scored_kv(model, prompt, chunk, rows, shift):
     """K/V (L, Hkv, C, D) of a chunk's rows from a fresh forward of prefix + chunk + rows at

@@ -14,10 +14,10 @@ draft its chunk scores are conditioned on, and every answer block, with one conf
     confidence = the softmax probability of the argmax, over the whole vocabulary: [MASK] is not
     excluded, and a slot that draws [MASK] stays masked (pdllm's sampler excludes it).
 
-``confidence_draft`` is the draft, ``generate_official`` the answer path (over any sampler method),
-both on ``unmask_by_confidence``. ``PrefillConfig.official(arch)`` (prefill.py) is the preset that
-follows the official selection step by step; README "Reproducing the official code" lists each
-step against pdllm's default.
+``confidence_drafts`` is the draft (a batch of prompts at once), ``generate_official`` the answer
+path (over any sampler method), both on ``unmask_by_confidence``. ``PrefillConfig.official(arch)``
+(prefill.py) is the preset that follows the official selection step by step; README "Reproducing
+the official code" lists each step against pdllm's default.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.sampler import (GenerationConfig, GenerationOutput, make_batch, select_transfer, synchronize,
+from pdllm.sampler import (GenerationConfig, GenerationOutput, left_pad, make_batch, select_transfer, synchronize,
                            warn_beyond_trained_positions)
 from pdllm.tokenizer import LongContextPrompt
 
@@ -78,26 +78,37 @@ def unmask_by_confidence(slot_logits: Callable[[torch.Tensor], torch.Tensor], to
 
 
 @torch.no_grad()
-def confidence_draft(model, prompt_ids: list[int], n_tokens: int, rounds: int | None = None, threshold: float = 0.9,
-                     draw_mask: bool = True) -> tuple[list[int], list[bool]]:
-    """The official draft: ``prompt_ids`` (prefix + query) encoded alone (full attention,
-    positions 0..T-1), ``n_tokens`` [MASK] slots at positions T.. run against that KV (the prompt
-    never sees them), then ``unmask_by_confidence``. Returns (draft tokens, confirmed slots)."""
-    dev, T = model.device, len(prompt_ids)
-    cache = DenseKVCache.for_model(model, 1, T + n_tokens)
-    ids = torch.tensor([prompt_ids], device=dev)
-    last = model(ids, torch.arange(T, device=dev)[None], cache=cache.window(0, T), logits_slice=slice(T - 1, T))
-    slot_pos = torch.arange(T, T + n_tokens, device=dev)[None]
+def confidence_drafts(model, prompts_ids: list[list[int]], n_tokens: int, rounds: int | None = None,
+                      threshold: float = 0.9, draw_mask: bool = True) -> list[tuple[list[int], list[bool]]]:
+    """The official draft of every prompt, as one batch: each ``prompts_ids[b]`` (prefix + query)
+    encoded alone (full attention, positions 0..T_b-1; left padding is masked out of every key
+    read), ``n_tokens`` [MASK] slots at positions T_b.. run against that KV (the prompt never sees
+    them), then ``unmask_by_confidence``. Each row draws from its own logits only, and a row whose
+    slots are all filled takes no further pick, so every draft is the one its prompt gets alone.
+    Returns per prompt (draft tokens, confirmed slots)."""
+    dev = model.device
+    ids, valid, pos = left_pad(prompts_ids, model.cfg.mask_id)  # (B, T): the pad token is never read
+    B, T = ids.shape
+    key_mask = torch.cat([valid, torch.ones(B, n_tokens, dtype=torch.bool)], dim=1).to(dev)
+    cache = DenseKVCache.for_model(model, B, T + n_tokens, None if valid.all() else key_mask)
+    last = model(ids.to(dev), pos.to(dev), cache=cache.window(0, T), logits_slice=slice(T - 1, T))
+    slot_pos = (pos[:, -1:] + 1 + torch.arange(n_tokens)).to(dev)  # (B, n): T_b, T_b + 1, ...
 
     def slot_logits(tokens):
-        logits = model(tokens, slot_pos, cache=cache.window(T))  # (1, n, V)
+        logits = model(tokens, slot_pos, cache=cache.window(T))  # (B, n, V)
         if model.cfg.logit_shift:  # Dream: slot 0 from the last prompt row, slot i from slot i - 1
             logits = torch.cat([last, logits[:, :-1]], dim=1)
         return logits
 
-    tokens = torch.full((1, n_tokens), model.cfg.mask_id, dtype=torch.long, device=dev)
+    tokens = torch.full((B, n_tokens), model.cfg.mask_id, dtype=torch.long, device=dev)
     confirmed = unmask_by_confidence(slot_logits, tokens, model.cfg.mask_id, rounds, threshold, draw_mask)
-    return tokens[0].tolist(), confirmed[0].tolist()
+    return list(zip(tokens.tolist(), confirmed.tolist()))
+
+
+def confidence_draft(model, prompt_ids: list[int], n_tokens: int, rounds: int | None = None, threshold: float = 0.9,
+                     draw_mask: bool = True) -> tuple[list[int], list[bool]]:
+    """The official draft of one prompt (see ``confidence_drafts``): (draft tokens, confirmed slots)."""
+    return confidence_drafts(model, [prompt_ids], n_tokens, rounds, threshold, draw_mask)[0]
 
 
 def plain_long_context_prompt(tok, context: str, question: str, instruction: str, question_template: str

@@ -54,7 +54,7 @@ from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.cache import ChunkKVCache
 from pdllm.graphs import StepGraph, capture, graphs_available
 from pdllm.model import apply_rope
-from pdllm.official import confidence_draft
+from pdllm.official import confidence_drafts
 from pdllm.sampler import Batch, GenerationConfig, Vanilla, generate, synchronize
 from pdllm.tokenizer import LongContextPrompt
 
@@ -356,23 +356,28 @@ def score_chunks_attention(model, prompt: LongContextPrompt, chunks, cfg: Prefil
     return score_requests_attention(model, [prompt], [chunks], cfg, slots)[0]
 
 
-def draft_answer(model, prompt: LongContextPrompt, cfg: PrefillConfig) -> tuple[list[int], list[bool]]:
-    """A short draft answer from prefix + query alone (no context), decoded greedily, and which of
-    its slots the scores read (``cfg.draft_scored``).
+def draft_answers(model, prompts, cfg: PrefillConfig) -> list[tuple[list[int], list[bool]]]:
+    """Per request, a short draft answer from prefix + query alone (no context), decoded greedily,
+    and which of its slots the scores read (``cfg.draft_scored``); all requests decode as one batch.
 
     ``sampler``: pdllm's vanilla sampler over prefix + query + [MASK] * n, one slot per step.
-    ``confidence``: the official procedure (``pdllm.official.confidence_draft``): the prompt
+    ``confidence``: the official procedure (``pdllm.official.confidence_drafts``): the prompt
     encoded alone, the slots against its KV, slot 0 from its logit, then ``draft_rounds`` rounds of
     the single most confident slot, or until full by ``draft_threshold``; unconfirmed slots stay
     [MASK] in the draft.
     """
-    n, ids = cfg.draft_tokens, prompt.prefix + prompt.query
-    if cfg.draft_decoder == "sampler":
+    n, ids = cfg.draft_tokens, [p.prefix + p.query for p in prompts]
+    if cfg.draft_decoder == "sampler":  # left-padded, padding masked out of every key read
         gc = GenerationConfig(gen_length=n, block_length=n, steps=n)
-        draft, confirmed = generate(model, [ids], gc, method=Vanilla()).tokens[0].tolist(), [True] * n
+        drafts = [(d, [True] * n) for d in generate(model, ids, gc, method=Vanilla()).tokens.tolist()]
     else:
-        draft, confirmed = confidence_draft(model, ids, n, cfg.draft_rounds, cfg.draft_threshold, cfg.draft_draws_mask)
-    return draft, confirmed if cfg.draft_scored == "confirmed" else [True] * n
+        drafts = confidence_drafts(model, ids, n, cfg.draft_rounds, cfg.draft_threshold, cfg.draft_draws_mask)
+    return [(d, confirmed if cfg.draft_scored == "confirmed" else [True] * n) for d, confirmed in drafts]
+
+
+def draft_answer(model, prompt: LongContextPrompt, cfg: PrefillConfig) -> tuple[list[int], list[bool]]:
+    """One request's draft and the slots its scores read (see draft_answers)."""
+    return draft_answers(model, [prompt], cfg)[0]
 
 
 @dataclass
@@ -676,7 +681,7 @@ class Prefill:
             rows = sum(len(p.prefix) + len(p.query) + gen_length for p in prompts)
             rows += sum(min(cfg.top_k, len(cs)) * max(map(len, cs)) for cs in chunks)
             keep = StreamedTopK(ChunkKVCache.for_model(model, rows), cfg.top_k, chunks)
-        drafts = [draft_answer(model, p, cfg) for p in prompts] if cfg.score == "draft" else None
+        drafts = draft_answers(model, prompts, cfg) if cfg.score == "draft" else None
 
         def score(part):  # the scores of part[b], a list of request b's chunks, for every request
             if cfg.score == "attention":
