@@ -384,6 +384,13 @@ def test_draft_scoring_batched_across_requests_equals_each_request_alone(model_n
             assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
     lengths = {len(req.prefix + c + req.query) for req, cs in zip(batch, chunks) for c in cs}
     assert shared.n == len(lengths) == 4 and one_by_one.n == 2 * len(batch)
+    # rows of one length that read other logit rows (2 query tokens moved into the prefix): the
+    # causal rows of the moved request may not share a forward with the others', and none leaks
+    moved = LongContextPrompt(batch[1].prefix + batch[1].query[:2], batch[1].context, batch[1].query[2:])
+    mixed, mixed_chunks = [batch[0], moved], [chunks[0], chunks[1]]
+    mixed_scores = score_requests_draft(model, mixed, mixed_chunks, drafts[:2], cfg)
+    for req, cs, (d, s), together_scores in zip(mixed, mixed_chunks, drafts, mixed_scores):
+        assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
