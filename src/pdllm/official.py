@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.sampler import (GenerationConfig, GenerationOutput, left_pad, make_batch, select_transfer, synchronize,
-                           warn_beyond_trained_positions)
+from pdllm.sampler import (GenerationConfig, GenerationOutput, begin_method, left_pad, make_batch, select_transfer,
+                           synchronize)
 from pdllm.tokenizer import LongContextPrompt
 
 # The official README's best LongBench run decodes 32 tokens in one block of 32, threshold 0.9,
@@ -136,12 +136,7 @@ def generate_official(model, prompts, config: GenerationConfig, method) -> Gener
                          "temperature=0 and cfg_scale=0")
     batch = make_batch(model, prompts, config, model.cfg.eos_id)
     x, P, dev = batch.x, batch.prompt_len, model.device
-    synchronize(dev)
-    t0 = time.perf_counter()
-    method.begin(model, batch)
-    warn_beyond_trained_positions(model, method, batch)
-    synchronize(dev)
-    t1 = time.perf_counter()
+    t0, t1 = begin_method(model, method, batch)  # caches, chunk selection: before the first step
     nfe = 0
     for blk in range(config.num_blocks):
         s, e = P + blk * config.block_length, P + (blk + 1) * config.block_length

@@ -170,6 +170,17 @@ def warn_beyond_trained_positions(model, method, batch: Batch):
                   "or max_position_embeddings); answers may degrade")
 
 
+def begin_method(model, method, batch: Batch) -> tuple[float, float]:
+    """The method's ``begin`` (caches, chunk selection) between two synchronised clock reads, and the
+    trained-length warning for the positions it laid out. Returns the two clock reads."""
+    synchronize(model.device)
+    t0 = time.perf_counter()
+    method.begin(model, batch)
+    warn_beyond_trained_positions(model, method, batch)
+    synchronize(model.device)
+    return t0, time.perf_counter()
+
+
 def _prompt_ids(p) -> list[int]:
     if hasattr(p, "token_ids"):  # structured prompt (pdllm.prefill.LongContextPrompt)
         return list(p.token_ids())
@@ -341,12 +352,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
         keys = None if batch.key_mask is None else batch.key_mask.repeat(2, 1)
         batch = Batch(torch.cat([x, torch.cat([un_prompt, x[:, P:]], 1)]), batch.pos.repeat(2, 1), keys, P,
                       batch.prompts * 2, config, mask_id)
-    synchronize(dev)
-    t0 = time.perf_counter()
-    method.begin(model, batch)
-    warn_beyond_trained_positions(model, method, batch)
-    synchronize(dev)
-    t1 = time.perf_counter()
+    t0, t1 = begin_method(model, method, batch)  # caches, chunk selection: before the first step
     nfe, B = 0, x.shape[0]
     timer = StepTimer(dev) if time_steps else None
     for blk in range(config.num_blocks):
