@@ -57,3 +57,61 @@ def test_demo(llada_dir, capsys):
                  "--chunk-size", "32", "--top-k", "2", "--gen-length", "4"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "prefill" in out and "vanilla" in out
+
+
+def test_eval_prefill_flags_are_prefill_config_fields(llada_dir, tmp_path, monkeypatch):
+    """Every PrefillConfig field is a `pdllm eval` flag (derived as `pdllm generate` derives them); a
+    flag left out keeps DEFAULT_PREFILL, a flag given reaches the prefill methods' PrefillConfig."""
+    import dataclasses
+
+    import pytest
+
+    from pdllm.eval import harness
+    from pdllm.methods import make_method
+    from pdllm.prefill import PrefillConfig
+
+    flags = {k.flag for k in harness.eval_prefill_knobs()}
+    assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(PrefillConfig)} - {"--chunk-parallel"}
+
+    class Captured(Exception):
+        pass
+
+    seen = {}
+
+    def capture(model, tok, tasks, lengths, depths, n, methods, gen, batch_size, prefill, *rest, **kw):
+        seen["prefill"] = prefill
+        seen["config"] = make_method("prefill", **prefill).cfg  # what run_examples builds from these knobs
+        raise Captured  # the knobs are what this test is about, not a grid
+
+    monkeypatch.setattr(harness, "run_grid", capture)
+    with pytest.raises(Captured):
+        main(["eval", "--model", str(llada_dir), "--out", str(tmp_path / "out"), "--score-depth", "2",
+              "--no-chunk-bos", "--token-capacity", "none", "--cache-mode", "chunk_query"])
+    assert seen["prefill"] == {**harness.DEFAULT_PREFILL, "score_depth": 2, "chunk_bos": False, "token_capacity": None,
+                               "cache_mode": "chunk_query"}
+    cfg = seen["config"]
+    assert (cfg.score_depth, cfg.chunk_bos, cfg.cache_mode) == (2, False, "chunk_query")
+    assert (cfg.chunk_size, cfg.top_k, cfg.score_batch) == (128, 4, 64)  # DEFAULT_PREFILL, as before the flags were derived
+
+
+def test_eval_bad_prefill_flag_is_one_line_before_the_model_loads(llada_dir, tmp_path, monkeypatch, capsys):
+    import pdllm.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(pdllm.loading, "load_model", no_load)
+    out = tmp_path / "out"
+    e = ["eval", "--model", str(llada_dir), "--out", str(out)]
+    for argv, message in ((["--score-depth", "0"], "invalid prefill config: score_depth=0 must be >= 1"),
+                          (["--chunk-size", "0"], "invalid prefill config: chunk_size=0 must be >= 1"),
+                          (["--top-k", "0"], "top_k=0 must be >= 1"),
+                          (["--score-depth", "two"], "pdllm eval: argument --score-depth: invalid int value: 'two'"),
+                          (["--cache-mode", "paged"], "argument --cache-mode: invalid choice 'paged'"),
+                          (["--chunk-parallel"], "unrecognized arguments: --chunk-parallel")):
+        assert main(e + argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("pdllm: error: "), err
+        assert message in lines[0], lines[0]
+    assert not out.exists()

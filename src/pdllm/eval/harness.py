@@ -13,7 +13,8 @@
 
 Results are JSON (every setting next to its numbers, per-example outcomes as bit strings) plus
 plots: depth x length heatmaps, accuracy and recall@K against length with and without BOS
-anchors, the depth curve, the ablations.
+anchors, the depth curve, the ablations. The prefill methods' knobs are ``pdllm generate``'s flags, one per
+PrefillConfig field (--score-depth 2, --no-chunk-bos); a knob left out keeps DEFAULT_PREFILL's value.
 
     pdllm eval --out runs/eval                      # grid + ablations on the embedded model
     pdllm eval --model DIR --longbench ~/LongBench/data --tasks hotpotqa --limit 50
@@ -520,18 +521,37 @@ def _list(text: str, flag: str, kind=str, allowed=None) -> list:
     return values
 
 
+def eval_prefill_knobs() -> list:
+    """The prefill flags of ``pdllm eval``: one per PrefillConfig field, derived as ``pdllm generate``
+    derives them (pdllm.cli.config_knobs), except chunk_parallel: the eval already spreads its
+    examples across torchrun's ranks, and chunk-parallel scoring needs every rank on one request."""
+    from pdllm.cli import config_knobs
+    from pdllm.prefill import PrefillConfig
+
+    return [k for k in config_knobs(PrefillConfig) if k.name != "chunk_parallel"]
+
+
+def prefill_knobs(args) -> dict:
+    """The prefill knobs of a run: DEFAULT_PREFILL, and the flags given on top."""
+    from pdllm.cli import given_knobs
+
+    return {**DEFAULT_PREFILL, **given_knobs(args, eval_prefill_knobs())}
+
+
 def check_args(args):
     """The eval command's flags, checked before anything is loaded or written: (methods, benchmark
     examples or None for the synthetic grid)."""
     from pdllm.cli import UsageError
     from pdllm.data.synthetic import TASKS
     from pdllm.methods import METHODS
+    from pdllm.prefill import PrefillConfig
 
     methods = _list(args.methods, "--methods", allowed=(*METHODS, *GRID_METHODS))
     for flag, value in (("--n", args.n), ("--ablation-n", args.ablation_n), ("--gen-length", args.gen_length),
-                        ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size), ("--top-k", args.top_k)):
+                        ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} {value}: must be >= 1")
+    PrefillConfig(**prefill_knobs(args))  # a bad knob is PrefillConfig's one-line ValueError, before the model loads
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a file; give a directory for the results")
     bench = args.longbench or args.infinitebench
@@ -563,7 +583,7 @@ def check_args(args):
 
 
 def main(argv=None) -> int:
-    from pdllm.cli import ArgumentParser
+    from pdllm.cli import ArgumentParser, add_knob
     from pdllm.loading import EMBEDDED_MODEL, load_model
 
     p = ArgumentParser(prog="pdllm eval", description=__doc__.split("\n\n")[0])
@@ -587,8 +607,6 @@ def main(argv=None) -> int:
     p.add_argument("--gen-length", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_PREFILL["chunk_size"])
-    p.add_argument("--top-k", type=int, default=DEFAULT_PREFILL["top_k"])
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the grid: cells past it are skipped "
                    "and listed in the report")
     p.add_argument("--ablation-time-budget", type=float, default=None, help="seconds for the ablations, likewise")
@@ -596,6 +614,10 @@ def main(argv=None) -> int:
     p.add_argument("--infinitebench", type=Path, default=None, help="directory of InfiniteBench <task>.jsonl files")
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark task")
     p.add_argument("--max-gen", type=int, default=None, help="cap on a benchmark task's answer length")
+    g = p.add_argument_group("prefill (PrefillConfig, for the prefill methods; each ablation changes one knob)",
+                             "no --chunk-parallel: under torchrun the eval spreads its examples across the ranks")
+    for knob in eval_prefill_knobs():
+        add_knob(g, knob, DEFAULT_PREFILL.get(knob.name))
     args = p.parse_args(argv)
     methods, examples = check_args(args)  # every flag and path, before the model loads or --out is made
 
@@ -603,7 +625,7 @@ def main(argv=None) -> int:
         distributed.quiet_other_ranks()
     model, tok = load_model(args.model, args.device)
     device = str(model.device)
-    prefill = {**DEFAULT_PREFILL, "chunk_size": args.chunk_size, "top_k": args.top_k}
+    prefill = prefill_knobs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model.name, "device": torch.cuda.get_device_name(model.device) if device.startswith("cuda")
               else "cpu", "environment": environment(), "prefill": prefill,
