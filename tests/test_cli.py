@@ -285,3 +285,37 @@ def test_demo_and_tune_problems(tmp_path, capsys):
     fails(capsys, ["tune", "--device", "cpu", "--out", str(tmp_path)], "cpu.json: not a JSON text file")
     fails(capsys, ["tune", "--device", "cpu", "--kernels", "matmul"], "--kernels: unknown kernel 'matmul'")
     fails(capsys, ["tune", "--device", "cpu", "--kv-lens", "0"], "--kv-lens '0': give comma-separated positive integers")
+
+
+def test_generate_under_torchrun_without_chunk_parallel_warns_once(llada_dir, tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE > 1 (torchrun's environment) with no --chunk-parallel: every rank would do the whole
+    job, so the command says so, once. No process group is started: distributed.init is stubbed."""
+    import torch.distributed as dist
+
+    from pdllm import distributed
+
+    monkeypatch.setattr(sampler, "_warned", set())
+    monkeypatch.setattr(distributed, "init", lambda *args, **kwargs: False)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("the quick brown fox jumps over the lazy dog. " * 6)
+    base = ["generate", "--model", str(llada_dir), "--context-file", str(ctx), "--question", "what is the pass key",
+            "--gen-length", "4", "--block-length", "4", "--steps", "4"]
+
+    def warnings_of(argv, world):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(argv) == 0
+        return [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "warning" in line]
+
+    prefill = [*base, "--method", "prefill", "--chunk-size", "16", "--top-k", "2"]
+    assert warnings_of([*base, "--method", "vanilla"], "1") == []  # a world of one: nothing to share
+    assert warnings_of([*prefill, "--chunk-parallel"], "2") == []  # the scoring is shared
+    warned = warnings_of([*base, "--method", "vanilla"], "2")
+    assert warned == ["pdllm: warning: started by torchrun with WORLD_SIZE=2 but without --chunk-parallel: each of "
+                      "the 2 ranks does the whole job; add --method prefill --chunk-parallel to share the chunk "
+                      "scoring across them, or run one process"]
+    assert warnings_of(prefill, "2") == []  # once per process
+    monkeypatch.setattr(sampler, "_warned", set())
+    # prefill without --chunk-parallel scores every chunk on every rank (another world size: another message,
+    # which Python's own once-per-location filter lets through)
+    assert warnings_of(prefill, "3") == [warned[0].replace("=2", "=3").replace("the 2 ranks", "the 3 ranks")]
+    assert not dist.is_initialized()

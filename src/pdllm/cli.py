@@ -289,6 +289,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--preset {args.preset} decodes greedily by threshold: drop --temperature/--cfg-scale")
     cfg = load_config(args.model)  # config.json only: the arch for a preset, and a bad checkpoint fails now
     method = make_cli_method(args, cfg.arch, preset)
+    warn_if_every_rank_does_the_whole_job(method)
     device = check_device(args.device or default_device())
     if args.dtype is not None:
         check_dtype(args.dtype)
@@ -321,6 +322,19 @@ def cmd_generate(args) -> int:
     print(f"[{args.method}] prompt {n_prompt} tokens  gen {config.gen_length}  nfe {out.nfe}  "
           f"total {s['total_s']:.3f}s  decode {s['decode_s']:.3f}s{extra}", file=sys.stderr)
     return 0
+
+
+def warn_if_every_rank_does_the_whole_job(method):
+    """Under torchrun (WORLD_SIZE in the environment, as distributed.init reads it) only chunk-parallel
+    scoring shares the work; otherwise each rank loads the model and answers the whole prompt."""
+    from pdllm import distributed
+    from pdllm.sampler import warn_once
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and distributed.is_main() and not getattr(getattr(method, "cfg", None), "chunk_parallel", False):
+        warn_once("torchrun", f"started by torchrun with WORLD_SIZE={world} but without --chunk-parallel: each of the "
+                              f"{world} ranks does the whole job; add --method prefill --chunk-parallel to share the "
+                              "chunk scoring across them, or run one process")
 
 
 class StepProgress:
