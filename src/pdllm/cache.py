@@ -95,9 +95,18 @@ class ChunkKVCache:
         return rows
 
     def store(self, rows: torch.Tensor, k_layers, v_layers):
-        """Write per-layer K/V (L, Hkv, n, D) (e.g. from a KVRecorder) into pool rows (n,)."""
+        """Write every layer's K/V (L, Hkv, n, D) (e.g. from a KVRecorder) into pool rows (n,)."""
         self.k[:, :, rows] = k_layers.to(self.k.dtype)
         self.v[:, :, rows] = v_layers.to(self.v.dtype)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write one layer's k, v (B, Hkv, T, D) into pool rows (B * T,), in row order.
+
+        One row copy per tensor into the row-major storage, (P, Hkv, D): k's (B, T, Hkv, D) view
+        is how the fused projection laid it out, so nothing is transposed on the way."""
+        B, Hkv, T, D = k.shape
+        self.k[layer].transpose(0, 1).index_copy_(0, rows, k.transpose(1, 2).reshape(B * T, Hkv, D))
+        self.v[layer].transpose(0, 1).index_copy_(0, rows, v.transpose(1, 2).reshape(B * T, Hkv, D))
 
     def set_index(self, rows_per_batch: list[torch.Tensor]):
         """Row b of the batch reads pool rows rows_per_batch[b] (any order, any length)."""
@@ -125,11 +134,7 @@ class ChunkKVCache:
         B, Hkv, Tq, D = k.shape
         if self.write_rows is None or tuple(self.write_rows.shape) != (B, Tq):
             raise ValueError(f"set_write_rows((B, Tq) = {(B, Tq)}) before running a forward against the chunk cache")
-        rows = self.write_rows.reshape(-1)
-        # One row copy per tensor into the row-major storage, (P, Hkv, D): k's (B, Tq, Hkv, D) view
-        # is how the fused projection laid it out, so nothing is transposed on the way.
-        self.k[layer].transpose(0, 1).index_copy_(0, rows, k.transpose(1, 2).reshape(B * Tq, Hkv, D))
-        self.v[layer].transpose(0, 1).index_copy_(0, rows, v.transpose(1, 2).reshape(B * Tq, Hkv, D))
+        self.write(layer, self.write_rows.reshape(-1), k, v)
         attend = chunk_attention_reference if backend == "reference" else chunk_attention
         out, _ = attend(q, self.k[layer], self.v[layer], self.kv_index, self.kv_len)
         return out

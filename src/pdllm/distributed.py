@@ -218,8 +218,7 @@ def share_kept_kv(keep, selected: list[list[int]], where: list[list[tuple[int, i
             blocks.append(kv)
         keep.held[b], keep.rank[b] = {i: slot for slot, i in enumerate(sel)}, {}
         for slot, kv in enumerate(blocks):
-            keep.cache.k[:, :, keep.slots[b][slot]] = kv[0].to(keep.cache.k.device)
-            keep.cache.v[:, :, keep.slots[b][slot]] = kv[1].to(keep.cache.v.device)
+            keep.cache.store(keep.slots[b][slot], kv[0].to(keep.cache.k.device), kv[1].to(keep.cache.v.device))
 
 
 # ---------------------------------------------------------------------------------------------

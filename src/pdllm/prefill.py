@@ -315,9 +315,8 @@ class StreamedTopK:
             del rank[worst]
         held[i], rank[i] = slot, key
         rows = self.slots[b][slot][: probe.k[0].shape[2]]
-        for layer, (k, v) in enumerate(zip(probe.k, probe.v)):  # (Hkv, C, D) -> the row-major pool's (C, Hkv, D)
-            self.cache.k[layer].transpose(0, 1).index_copy_(0, rows, k[row].transpose(0, 1))
-            self.cache.v[layer].transpose(0, 1).index_copy_(0, rows, v[row].transpose(0, 1))
+        for layer, (k, v) in enumerate(zip(probe.k, probe.v)):  # this row's (Hkv, C, D) of each layer
+            self.cache.write(layer, rows, k[row][None], v[row][None])
 
     def rows(self, b: int, i: int) -> torch.Tensor:
         """Pool rows holding chunk i of request b (its first len(chunk) rows)."""
@@ -552,9 +551,7 @@ class PoolWriter:
         self.cache, self.rows = cache, rows.reshape(-1)
 
     def attend(self, layer, q, k, v, mask=None, backend="sdpa"):
-        B, Hkv, T, D = k.shape  # one row copy per tensor into the row-major pool, as ChunkKVCache.attend
-        self.cache.k[layer].transpose(0, 1).index_copy_(0, self.rows, k.transpose(1, 2).reshape(B * T, Hkv, D))
-        self.cache.v[layer].transpose(0, 1).index_copy_(0, self.rows, v.transpose(1, 2).reshape(B * T, Hkv, D))
+        self.cache.write(layer, self.rows, k, v)
         return dense_attention(q, k, v, mask, backend)
 
 
