@@ -536,19 +536,23 @@ def unfuse_state(cfg: ModelConfig, state: dict) -> dict:
 
 
 def fuse_state(cfg: ModelConfig, state: dict) -> dict:
-    """The inverse of unfuse_state: every fused parameter's parts concatenated, in FUSED order."""
-    out, groups = {}, {}
+    """The inverse of unfuse_state: every fused parameter's parts concatenated, in FUSED order.
+
+    Consumes ``state``: each part is dropped from it as its fused parameter is made, so a load holds
+    one copy of the weights (plus one fused parameter) on the device, not the parts and the fused
+    copies together."""
+    groups: dict[str, dict[str, str]] = {}  # fused name -> {part: its name in state}
     part_of = {part: fused for fused, parts in FUSED.items() for part in parts}
-    for name, t in state.items():
+    for name in state:
         m = re.fullmatch(r"(blocks\.\d+\.)(attn\.[qkv]|mlp\.gate|mlp\.up)\.(weight|bias)", name)
-        if m is None:
-            out[name] = t
-            continue
-        prefix, part, p = m.groups()
-        groups.setdefault(f"{prefix}{part_of[part]}.{p}", {})[part] = t
+        if m is not None:
+            prefix, part, p = m.groups()
+            groups.setdefault(f"{prefix}{part_of[part]}.{p}", {})[part] = name
+    out = {}
     for name, parts in groups.items():
         fused = _FUSED_NAME.fullmatch(name).group(2)
-        out[name] = torch.cat([parts[part] for part in FUSED[fused]])
+        out[name] = torch.cat([state.pop(parts[part]) for part in FUSED[fused]])
+    out.update(state)  # what is not fused, as it is
     return out
 
 
