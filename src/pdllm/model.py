@@ -244,13 +244,14 @@ def block_output(x, y, w_o, norm_weight, eps: float, w_gate_up, w_down):
 
 class Attention(nn.Module):
     """q, k, v projections as one (d_model + 2 kv_dim, d_model) matrix: one GEMM reads them all.
-    The checkpoint keeps them apart (q_proj, k_proj, v_proj): see FUSED in section 4."""
+    The checkpoint keeps them apart (q_proj, k_proj, v_proj): see FUSED in section 4. Block.forward
+    runs the attention (attention_inputs, attend, block_output); the methods here serve the cache
+    methods that run a layer's pieces themselves (dLLM-Cache, DyLLM)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.sizes = (cfg.d_model, kv_dim, kv_dim)  # rows of q | k | v in wqkv
+        self.sizes = _parts(cfg, "attn.wqkv")  # rows of q | k | v in wqkv
         self.wqkv = nn.Linear(cfg.d_model, sum(self.sizes), bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -278,10 +279,6 @@ class Attention(nn.Module):
         """(B, H, T, D) -> (B, T, C) through the output projection."""
         B, _, T, _ = y.shape
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
-
-    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa"):
-        q, k, v = self.qkv(x, rope)
-        return self.out(attend(q, k, v, mask, cache, layer, backend))
 
 
 def attend(q, k, v, mask, cache, layer: int, backend: str):
