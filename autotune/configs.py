@@ -83,6 +83,17 @@ def config_dirs() -> tuple[Path, ...]:
     return (user_config_dir(), CONFIG_DIR)
 
 
+def _lookup_dirs() -> tuple[str, ...]:
+    """config_dirs() as strings, remembered per value of the variables it reads: the lookup is on
+    the launch path of every eager kernel call, and building the paths costs more than the rest."""
+    return _dirs_for(os.environ.get("PDLLM_CONFIG_DIR"), os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _dirs_for(config_dir, xdg_config_home, home) -> tuple[str, ...]:  # the arguments are the cache's key
+    return tuple(map(str, config_dirs()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +184,7 @@ def clear_cache():
     _nearest_in_table.cache_clear()
     _warned.clear()
     _device_name.cache_clear()
+    _dirs_for.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,7 +244,7 @@ def lookup(kernel: str, device_name: str, *, kv_len: int, q_rows: int, head_dim:
     num_splits (None: use the kernel's heuristic) and base_programs (see ``rescale_splits``).
     """
     cfg = default_config(kernel, head_dim)
-    directories = (str(directory),) if directory is not None else tuple(map(str, config_dirs()))
+    directories = (str(directory),) if directory is not None else _lookup_dirs()
     entry = _nearest_in_table(kernel, device_key(device_name), directories, kv_len, q_rows, head_dim, group, dtype)
     if entry is not None:
         cfg.update(entry["config"])
