@@ -115,3 +115,19 @@ def test_eval_bad_prefill_flag_is_one_line_before_the_model_loads(llada_dir, tmp
         assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("pdllm: error: "), err
         assert message in lines[0], lines[0]
     assert not out.exists()
+
+
+def test_benchmark_runs_take_the_grid_labels(llada_dir):
+    """--longbench/--infinitebench accept the grid's labels: prefill_no_bos is prefill with chunk_bos off."""
+    from pdllm.eval.examples import BenchmarkExample
+    from pdllm.eval.harness import DEFAULT_PREFILL, run_benchmark
+    from pdllm.loading import load_model
+
+    model, tok = load_model(llada_dir, "cpu")
+    ex = BenchmarkExample(id="0", task="qa", prefix="Read. ", context="alpha beta gamma delta " * 20,
+                          question="Which word?", answers=["alpha"], all_classes=None, max_new_tokens=4,
+                          metric_name="qa_f1_score")
+    prefill = {**DEFAULT_PREFILL, "chunk_size": 32, "top_k": 2}
+    for label in ("prefill", "prefill_no_bos"):
+        result = run_benchmark(model, tok, [ex], label, prefill, max_gen=4)
+        assert result["qa"]["n"] == 1 and 0.0 <= result["qa"]["score"] <= 1.0

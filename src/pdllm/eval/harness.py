@@ -343,8 +343,8 @@ def run_benchmark(model, tok, examples, method, prefill, max_gen: int | None) ->
         gen_len = min(ex.max_new_tokens, max_gen or ex.max_new_tokens)
         gen = GenerationConfig(gen_length=gen_len, block_length=gen_len, steps=gen_len, threshold=0.9)
         prompt = tok.long_context_prompt(ex.context, ex.question, instruction=ex.prefix, question_template="{question}")
-        kwargs = prefill if method == "prefill" else {}
-        (answer,), _ = answer_batch(model, tok, [prompt], gen, method, **kwargs)
+        name, knobs = _grid_method(method, prefill)  # a label such as prefill_no_bos is prefill with its knobs
+        (answer,), _ = answer_batch(model, tok, [prompt], gen, name, **knobs)
         scored.append([ex.task, ex.score(answer)])
     per_task: dict[str, list[float]] = {}
     for task, score in distributed.gather_in_order(scored):
