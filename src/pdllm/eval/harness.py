@@ -177,9 +177,6 @@ def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which,
     settings = [(name, label, over) for name in which for label, over in ABLATIONS[name]]
     for name, label, over in tqdm(settings, desc="ablations", unit="setting"):
         kwargs = {**prefill, **over}
-        if "score_depth" in over and not _has_knob("score_depth"):
-            results.setdefault("not_run", {})[name] = "this pdllm's PrefillConfig has no score_depth"
-            continue
         if (over.get("score_depth") or 0) > model.cfg.n_layers:
             results.setdefault("not_run", {})[f"{name} {label}"] = f"the model has {model.cfg.n_layers} layers"
             continue
@@ -198,12 +195,6 @@ def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which,
         if save:
             save()
     return results
-
-
-def _has_knob(name: str) -> bool:
-    from pdllm.prefill import PrefillConfig
-
-    return name in PrefillConfig.__dataclass_fields__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +531,7 @@ def prefill_knobs(args) -> dict:
 
 def check_args(args):
     """The eval command's flags, checked before anything is loaded or written: (methods, benchmark
-    examples or None for the synthetic grid)."""
+    examples or None, the synthetic grid's parsed lists or None): main runs what was checked."""
     from pdllm.cli import UsageError
     from pdllm.data.synthetic import TASKS
     from pdllm.methods import METHODS
@@ -561,13 +552,15 @@ def check_args(args):
         for flag, value in (("--limit", args.limit), ("--max-gen", args.max_gen)):
             if value is not None:
                 raise UsageError(f"{flag} applies to --longbench/--infinitebench runs (the synthetic grid's size is --n)")
-        _list(args.tasks, "--tasks", allowed=tuple(TASKS)) if args.tasks else None
-        _list(args.lengths, "--lengths", int)
-        if not all(0 <= d <= 1 for d in _list(args.depths, "--depths", float)):
+        grid = {"tasks": _list(args.tasks, "--tasks", allowed=tuple(TASKS)) if args.tasks else list(TASKS),
+                "lengths": _list(args.lengths, "--lengths", int), "depths": _list(args.depths, "--depths", float),
+                "ablations": [] if args.ablations == "none" else _list(args.ablations, "--ablations",
+                                                                       allowed=tuple(ABLATIONS)),
+                "ablation_tasks": _list(args.ablation_tasks, "--ablation-tasks", allowed=tuple(TASKS))
+                if args.ablation_tasks else None}
+        if not all(0 <= d <= 1 for d in grid["depths"]):
             raise UsageError(f"--depths {args.depths}: depths are fractions of the context, in [0, 1]")
-        if args.ablations != "none":
-            _list(args.ablations, "--ablations", allowed=tuple(ABLATIONS))
-        return methods, None
+        return methods, None, grid
     flag = "--longbench" if args.longbench else "--infinitebench"
     if not bench.exists():
         raise UsageError(f"{flag} {bench}: no such directory (it should hold the benchmark's <task>.jsonl files)")
@@ -579,7 +572,7 @@ def check_args(args):
 
     tasks = _list(args.tasks, "--tasks") if args.tasks else None
     load = load_longbench if args.longbench else load_infinitebench
-    return methods, load(bench, tasks, args.limit)
+    return methods, load(bench, tasks, args.limit), None
 
 
 def main(argv=None) -> int:
@@ -619,7 +612,7 @@ def main(argv=None) -> int:
     for knob in eval_prefill_knobs():
         add_knob(g, knob, DEFAULT_PREFILL.get(knob.name))
     args = p.parse_args(argv)
-    methods, examples = check_args(args)  # every flag and path, before the model loads or --out is made
+    methods, examples, grid = check_args(args)  # every flag and path, before the model loads or --out is made
 
     if distributed.init():  # under torchrun: each rank takes its share of the examples (pdllm.distributed)
         distributed.quiet_other_ranks()
@@ -640,11 +633,7 @@ def main(argv=None) -> int:
             print(m, {t: round(v["score"], 4) for t, v in r.items()})
         return 0
 
-    from pdllm.data.synthetic import TASKS
-
-    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    lengths = [int(v) for v in args.lengths.split(",")]
-    depths = [float(v) for v in args.depths.split(",")]
+    tasks, lengths, depths = grid["tasks"], grid["lengths"], grid["depths"]
     within = [L for L in lengths if L <= model.cfg.max_positions]
     trained = args.trained_length or (max(within) if within else lengths[0])
     gen = GenerationConfig(gen_length=args.gen_length, block_length=args.gen_length, steps=args.gen_length,
@@ -662,13 +651,13 @@ def main(argv=None) -> int:
     report["grid"] = {}
     run_grid(model, tok, tasks, first, depths, args.n, methods, gen, args.batch_size, prefill, deadline, save,
              report["grid"])
-    which = [] if args.ablations == "none" else args.ablations.split(",")
+    which = grid["ablations"]
     if which:
         ablation_deadline = Deadline(args.ablation_time_budget)
         length = args.ablation_length or trained
         dense = report["grid"].get("vanilla", {})
         able = [t for t in tasks if any(c["accuracy"] > 0 for c in dense.get(t, {}).get(str(length), {}).values())]
-        ablation_tasks = args.ablation_tasks.split(",") if args.ablation_tasks else (able or tasks)
+        ablation_tasks = grid["ablation_tasks"] or able or tasks
         report["ablation_tasks"] = ablation_tasks
         report["ablations"] = {}
         run_ablations(model, tok, ablation_tasks, length, args.ablation_n, gen, args.batch_size, prefill, which,
