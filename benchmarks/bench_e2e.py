@@ -132,9 +132,10 @@ def synthetic_decode_step(model):
 def floors(model, backends=("eager", "compiled")) -> dict:
     """Ceilings of the GPU, GEMM-only and weight-read floors of the model, and the decode step and
     scoring forward of each block backend measured against them."""
-    out = {"copy_gbps": copy_gbps(), "matmul_bf16_tflops": matmul_tflops(),
-           "decode_gemm": gemm_floor(model, DECODE_ROWS), "scoring_gemm": gemm_floor(model, SCORING_BATCH * SCORING_TOKENS,
-                                                                                    with_head=False)}
+    copy = copy_gbps()  # one copy rate for every floor of the run
+    out = {"copy_gbps": copy, "matmul_bf16_tflops": matmul_tflops(),
+           "decode_gemm": gemm_floor(model, DECODE_ROWS, copy=copy),
+           "scoring_gemm": gemm_floor(model, SCORING_BATCH * SCORING_TOKENS, with_head=False, copy=copy)}
     idx = torch.randint(1000, 100000, (SCORING_BATCH, SCORING_TOKENS), device="cuda")
     pos = torch.arange(SCORING_TOKENS, device="cuda").expand_as(idx)
     saved = model.block_backend

@@ -58,10 +58,11 @@ def linear_weights(model, rows_with_head: bool = True):
     return mats + ([model.lm_head.weight] if rows_with_head else [])
 
 
-def gemm_floor(model, rows: int, with_head: bool = True) -> dict:
+def gemm_floor(model, rows: int, with_head: bool = True, copy: float | None = None) -> dict:
     """The forward's matrix work alone, for `rows` tokens: every linear layer's GEMM (the model's
     own weights, random activations), replayed from one CUDA graph. Returns its time, its rate and
-    the time to read those weights once at the copy rate measured now (the bandwidth floor)."""
+    the time to read those weights once at the copy rate (the bandwidth floor): ``copy`` GB/s as
+    the caller measured it in the same run, or measured now."""
     weights = linear_weights(model, with_head)
     inputs = {}
     for w in weights:  # one input per K (the layer's input width), shared
@@ -74,6 +75,6 @@ def gemm_floor(model, rows: int, with_head: bool = True) -> dict:
     ms = graph_time_ms(gemms)
     flops = sum(2 * rows * w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    copy = copy_gbps()
+    copy = copy_gbps() if copy is None else copy
     return {"rows": rows, "gemm_ms": ms, "gemm_tflops": flops / (ms * 1e-3) / 1e12, "linear_flops": flops,
             "weight_bytes": nbytes, "copy_gbps": copy, "weight_read_ms": nbytes / (copy * 1e9) * 1e3}
