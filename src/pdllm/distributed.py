@@ -206,10 +206,11 @@ def share_kept_kv(keep, selected: list[list[int]], where: list[list[tuple[int, i
     dev = _device()
     for b, sel in enumerate(selected):
         blocks = []
+        L, Hkv, _, D = keep.cache.k.shape
+        shape = (2, L, Hkv, len(keep.slots[b][0]), D)  # one slot's K and V, every layer
         for i in sel:
             r, at = where[b][i]
-            rows = keep.slots[b][0]
-            kv = torch.empty((2, *keep.cache.k[:, :, rows].shape), dtype=keep.cache.k.dtype, device=dev)
+            kv = torch.empty(shape, dtype=keep.cache.k.dtype, device=dev)
             if r == rank():
                 held = keep.rows(b, at)
                 kv[0], kv[1] = keep.cache.k[:, :, held], keep.cache.v[:, :, held]
