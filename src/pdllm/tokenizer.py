@@ -117,8 +117,7 @@ class Tokenizer:
         # Some control token is still matched (an added token that is not marked special, or a vocabulary
         # entry named <|...|>): cut the text inside it, so that its characters are encoded on both sides.
         out, rest = [], text
-        while True:
-            enc = self._text_tk.encode(rest, add_special_tokens=False)
+        while True:  # enc is always the encoding of rest
             bad = next((j for j, i in enumerate(enc.ids) if i in self.control_ids), None)
             if bad is None:
                 return out + enc.ids
@@ -128,6 +127,7 @@ class Tokenizer:
             out += [i for i, (_, e) in zip(enc.ids, enc.offsets) if e <= start]
             out += self._text_tk.encode(rest[start], add_special_tokens=False).ids
             rest = rest[start + 1:]
+            enc = self._text_tk.encode(rest, add_special_tokens=False)
 
     def encode_template(self, text: str) -> list[int]:
         """Template text to ids: its control-token strings (<|eot_id|>...) become control ids. Never for user text."""
