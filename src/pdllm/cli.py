@@ -225,9 +225,10 @@ def generation_config(args, preset: Preset | None = None):
 
 def method_kwargs(args) -> dict:
     """The knobs of --method given on the command line; a knob of another method is an error."""
-    given = given_knobs(args, all_method_knobs().values())
-    for name, value in given.items():
-        knob = all_method_knobs()[name]
+    knobs = all_method_knobs()
+    given = given_knobs(args, knobs.values())
+    for name in given:
+        knob = knobs[name]
         if args.method not in knob.methods:
             raise UsageError(f"{knob.flag} is a knob of --method {', '.join(knob.methods)}; it does nothing with "
                              f"--method {args.method}")
