@@ -40,6 +40,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels through Triton's interpreter (quality, --tiny)
 from bench_e2e import make_request  # the request bench_e2e times, so the two benchmarks agree
+from ceilings import copy_gbps, matmul_tflops
 
 GEN = dict(gen_length=32, block_length=32, steps=32)
 
@@ -55,6 +56,7 @@ def write(results: dict, out: str | None):
 
 def quality(args) -> dict:
     from pdllm.data.synthetic import make_examples
+    from pdllm.environment import environment
     from pdllm.eval.harness import DEFAULT_PREFILL
     from pdllm.eval.metrics import needle_recalled, wilson_interval
     from pdllm.loading import EMBEDDED_MODEL, load_model
@@ -74,7 +76,7 @@ def quality(args) -> dict:
                      ("chunk_query, encoded again", dict(cache_mode="chunk_query", encode_once=False))]
     results = {"model": f"embedded toy model (pdllm/assets/toy, {L} layers, max_positions {model.cfg.max_positions})",
                "n_layers": L, "device": "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "generation": vars(gen),
+               "environment": environment(), "generation": vars(gen),
                "prefill": base, "score_layers": args.score_layers or PrefillConfig().score_layers, "context_tokens": args.length, "tasks": args.tasks, "n_per_task": args.n, "command": args.command,
                "interval": "Wilson 95%", "settings": []}
     examples = [e for t in args.tasks for e in make_examples(t, args.n, args.length, seed="selection", tokenizer=tok.tk)]
@@ -142,16 +144,9 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def ceilings() -> dict:
-    """bf16 matmul rate and copy bandwidth of this GPU, measured now."""
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    ms = do_bench(lambda: a @ a, warmup=20, rep=100, return_mode="median")
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=20, rep=100, return_mode="median")
-    return {"matmul_bf16_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12, "copy_gbps": 2 * 2**30 / (copy_ms * 1e-3) / 1e9}
+def gpu_ceilings() -> dict:
+    """bf16 matmul rate and copy bandwidth of this GPU, measured now as every benchmark measures them."""
+    return {"matmul_bf16_tflops": matmul_tflops(), "copy_gbps": copy_gbps()}
 
 
 def timed(model, requests, method, steps: int = GEN["steps"], **kwargs) -> dict:
@@ -210,7 +205,7 @@ def speed(args) -> dict:
                "setup": {**GEN, "threshold": None, **prefill_knobs, "prefix_tokens": 32, "question_tokens": 64,
                          "timing": "wall clock with CUDA synchronisation, one run per case after a warm-up of every path",
                          "throughput": "output tokens only", "command": args.command},
-               "ceilings": ceilings() if dev == "cuda" else None, "runs": [], "batched": [], "memory": []}
+               "ceilings": gpu_ceilings() if dev == "cuda" else None, "runs": [], "batched": [], "memory": []}
     print(results["environment"], results["ceilings"], flush=True)
 
     def prefill(depth, **extra):
