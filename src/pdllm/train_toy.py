@@ -548,7 +548,7 @@ def run_recipe(args) -> int:
         argv += ["--init-from", str(init)] if init else []
         argv += ["--device", args.device] if args.device else []
         print(f"===== recipe {path.name}: stage {i + 1}/{len(stages)} {names[i]} =====", flush=True)
-        train(argv, recipe=recipe_info if i == len(stages) - 1 else None)
+        train(*parse_args(argv), argv, recipe=recipe_info if i == len(stages) - 1 else None)
         init = target
     shutil.copy(path, out / "recipe.py")
     return 0
@@ -625,14 +625,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def main(argv=None) -> int:
-    args, _ = parse_args(argv)
+    args, cfg = parse_args(argv)
     if args.recipe:
         return run_recipe(args)
-    return train(argv)
+    return train(args, cfg, argv)
 
 
-def train(argv, recipe: dict | None = None) -> int:
-    args, cfg = parse_args(argv)
+def train(args: argparse.Namespace, cfg: TrainConfig, argv, recipe: dict | None = None) -> int:
+    """One run of the trainer, as parse_args(argv) configured it (argv is recorded as its command)."""
     t_start = time.time()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
