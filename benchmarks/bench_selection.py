@@ -91,15 +91,16 @@ def quality(args) -> dict:
             seconds += time.perf_counter() - t0
             answers = [tok.decode(ids).strip() for ids in out.tokens.tolist()]
             correct += [a == e.answer for a, e in zip(answers, examples[i : i + args.batch_size])]
-            selected += getattr(method, "selected", [None] * len(answers))
+            kept = getattr(method, "selected", None)
+            selected += [None] * len(answers) if kept is None else list(zip(method.spans, kept))
         return correct, selected, seconds
 
     def summary(label, knobs, correct, selected, seconds):
         row = {"label": label, "prefill": knobs, "seconds": seconds, "correct": [int(c) for c in correct]}
         k = sum(correct)
         row.update(exact_match=k / len(correct), exact_match_interval=wilson_interval(k, len(correct)))
-        if selected[0] is not None:  # recall@K: every chunk the answer's needle overlaps is among the K kept
-            hits = sum(needle_recalled(e.needle_span, base["chunk_size"], sel) for e, sel in zip(examples, selected))
+        if selected[0] is not None:  # recall@K: every token of the answer's needle is in a kept chunk
+            hits = sum(needle_recalled(e.needle_span, spans, sel) for e, (spans, sel) in zip(examples, selected))
             row.update(needle_recall=hits / len(examples), needle_recall_interval=wilson_interval(hits, len(examples)))
         per_task = {}
         for t in args.tasks:

@@ -18,7 +18,8 @@ import torch
 
 from pdllm import distributed
 from pdllm.model import from_pretrained
-from pdllm.prefill import Prefill
+from pdllm.prefill import Prefill, decode_record, recv_record, run_prefill, send_record
+from pdllm.prefill.scorers import AttentionScorer
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.tokenizer import LongContextPrompt
 
@@ -58,22 +59,20 @@ def main(ckpt, out, scenario):
         if rank == 1 and scenario == "hang":
             time.sleep(60)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
         if rank == 1 and scenario == "crash":
-            import pdllm.prefill
-
             def fail(*args, **kwargs):
                 raise RuntimeError("rank 1 failed mid-way through scoring (injected by the test)")
 
-            pdllm.prefill.score_requests_attention = fail
+            AttentionScorer.__call__ = fail
         run(model, batch, top_k=2, chunk_parallel=True)
         return
     got = {name: run(model, batch, chunk_parallel=True, **knobs) for name, knobs in CASES.items()}
     got["idle_ranks"] = run(model, tiny, top_k=2, chunk_parallel=True)
     if rank == 0:  # prefill here, decode on rank 1
-        record = distributed.run_prefill(model, batch, GEN, Prefill(chunk_size=8, top_k=3, cache_mode="chunk_query"))
-        distributed.send_record(record, dst=1)
+        record = run_prefill(model, batch, GEN, Prefill(chunk_size=8, top_k=3, cache_mode="chunk_query"))
+        send_record(record, dst=1)
     else:
-        record = distributed.recv_record(src=0)
-        got["decoded_from_record"] = distributed.decode_record(model, record, GEN).tokens.tolist()
+        record = recv_record(src=0)
+        got["decoded_from_record"] = decode_record(model, record, GEN).tokens.tolist()
     Path(out, f"rank{rank}.json").write_text(json.dumps(got))
 
 

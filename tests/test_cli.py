@@ -60,9 +60,8 @@ def test_flags_are_derived_from_the_configs():
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     flags = {s for a in generate._actions for s in a.option_strings}
-    for cls in (GenerationConfig, PrefillConfig):
-        for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in flags, f.name
+    for f in [*dataclasses.fields(GenerationConfig), *(f for f, _ in PrefillConfig.knob_fields())]:
+        assert "--" + f.name.replace("_", "-") in flags, f.name
     for cls in METHODS.values():
         for name in ("prompt_interval", "rho", "tau", "num_full_steps", "refresh_every"):
             if name in cls.__init__.__code__.co_varnames:
@@ -71,24 +70,26 @@ def test_flags_are_derived_from_the_configs():
     assert tuple(method.choices) == tuple(METHODS)
 
 
-def test_a_new_config_field_gets_a_flag(monkeypatch):
+def test_a_new_stage_knob_gets_a_flag():
     import dataclasses
 
-    from pdllm import prefill
-    from pdllm.cli import all_method_knobs
+    from pdllm.knobs import all_method_knobs
+    from pdllm.methods import METHODS
+    from pdllm.prefill import SELECTORS, Stage
 
-    @dataclasses.dataclass
-    class Extended(prefill.PrefillConfig):
+    @dataclasses.dataclass(frozen=True)
+    class Newest(Stage):
+        name = "newest_test_only"
         new_knob: int | None = None
 
-    class ExtendedPrefill(prefill.Prefill):
-        def __init__(self, config: Extended | None = None, cuda_graphs: bool = True, **overrides):
-            super().__init__(config, cuda_graphs, **overrides)
-
-    from pdllm import methods
-    monkeypatch.setitem(methods.METHODS, "prefill", ExtendedPrefill)
-    knob = all_method_knobs()["new_knob"]
-    assert (knob.flag, knob.type, knob.optional, knob.methods) == ("--new-knob", int, True, ["prefill"])
+    SELECTORS.register(Newest)
+    try:
+        knob = all_method_knobs(METHODS)["new_knob"]
+        assert (knob.flag, knob.type, knob.optional, knob.methods) == ("--new-knob", int, True, ["prefill"])
+        assert "newest_test_only" in all_method_knobs(METHODS)["selection"].choices
+    finally:
+        SELECTORS.unregister("newest_test_only")
+    assert "new_knob" not in all_method_knobs(METHODS)
 
 
 # ---- every bad input: one line, exit 2 -------------------------------------------------------------

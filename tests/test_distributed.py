@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pdllm import distributed
-from pdllm.distributed import decode_record, load_record, owners, run_prefill, save_record
+from pdllm.distributed import owners
+from pdllm.prefill import decode_record, load_record, run_prefill, save_record
 from pdllm.prefill import Prefill
 from pdllm.sampler import generate
 from pdllm.testing import assert_close

@@ -30,10 +30,16 @@ def test_eval_grid_and_ablations(llada_dir, tmp_path):
 
 
 def test_needle_chunk_recall_and_intervals():
-    from pdllm.eval.metrics import needle_chunks, needle_recalled, paired_difference, wilson_interval
+    from pdllm.eval.metrics import needle_cut, needle_recalled, paired_difference, wilson_interval
+    from pdllm.prefill import Span
 
-    assert needle_chunks((130, 140), 128) == [1] and needle_chunks((120, 140), 128) == [0, 1]
-    assert needle_recalled((120, 140), 128, [0, 1, 5]) and not needle_recalled((120, 140), 128, [1, 5])
+    fixed = [Span(s, s + 128, True) for s in range(0, 768, 128)]
+    assert not needle_cut((130, 140), fixed) and needle_cut((120, 140), fixed)
+    assert needle_recalled((120, 140), fixed, [0, 1, 5]) and not needle_recalled((120, 140), fixed, [1, 5])
+    official = [Span(0, 127, True), Span(128, 255, True)]  # bos_in_chunk: token 127 is in no chunk
+    assert needle_cut((120, 130), official) and not needle_recalled((120, 130), official, [0, 1])
+    overlapping = [Span(0, 160), Span(96, 288)]  # a needle a boundary cuts in one chunk is whole in another
+    assert not needle_cut((120, 140), overlapping) and needle_recalled((120, 140), overlapping, [1])
     lo, hi = wilson_interval(95, 100)
     assert 0.88 < lo < 0.95 < hi < 0.985
     assert wilson_interval(0, 0) == (0.0, 1.0)
@@ -62,8 +68,6 @@ def test_demo(llada_dir, capsys):
 def test_eval_prefill_flags_are_prefill_config_fields(llada_dir, tmp_path, monkeypatch):
     """Every PrefillConfig field is a `pdllm eval` flag (derived as `pdllm generate` derives them); a
     flag left out keeps DEFAULT_PREFILL, a flag given reaches the prefill methods' PrefillConfig."""
-    import dataclasses
-
     import pytest
 
     from pdllm.eval import harness
@@ -71,7 +75,7 @@ def test_eval_prefill_flags_are_prefill_config_fields(llada_dir, tmp_path, monke
     from pdllm.prefill import PrefillConfig
 
     flags = {k.flag for k in harness.eval_prefill_knobs()}
-    assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(PrefillConfig)} - {"--chunk-parallel"}
+    assert flags == {"--" + f.name.replace("_", "-") for f, _ in PrefillConfig.knob_fields()} - {"--chunk-parallel"}
 
     class Captured(Exception):
         pass

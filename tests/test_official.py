@@ -6,13 +6,30 @@ import torch
 
 from pdllm.cache import DenseKVCache
 from pdllm.official import OFFICIAL_GENERATION, confidence_draft, generate_official, unmask_by_confidence
-from pdllm.prefill import (Prefill, PrefillConfig, build_layout, draft_answer, score_chunks_draft, select_chunks,
-                           split_chunks)
+from pdllm.prefill import CHUNKERS, Chunked, Prefill, PrefillConfig, build_layout
+from pdllm.prefill.draft import draft_answers, score_requests_draft
+from pdllm.prefill.selectors import select_chunks
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
 
 BOS, MASK, V = 1, 0, 6  # the hand-made vocabulary of the unmasking tests
+
+
+def split_chunks(context, chunk_size, bos_id, chunking="bos_added"):
+    """The chunk rows a registered chunker cuts a bare context into."""
+    return Chunked.of(LongContextPrompt([], context, []), CHUNKERS[chunking](chunk_size)(context, bos_id), bos_id).chunks
+
+
+def draft_scores(model, prompt, cfg, draft, scored):
+    """One request's draft scores under cfg's chunking and draft scorer, for a given draft."""
+    bos = model.cfg.bos_id
+    request = Chunked.of(prompt, cfg.stage("chunking")(prompt.context, bos), bos)
+    return score_requests_draft(model, [request], [(draft, scored)], cfg.stage("score"))[0]
+
+
+def draft_answer(model, prompt, cfg):
+    return draft_answers(model, [prompt], cfg.stage("score"))[0]
 
 
 # ---- 1. chunking: BOS inside the chunk_size rows, the last token of each full chunk dropped ----
@@ -152,8 +169,8 @@ def test_partial_draft_score_reads_the_query_and_the_confirmed_slots_only(model_
     mask = model.cfg.mask_id
     chunks = split_chunks(prompt.context, 8, model.cfg.bos_id, "bos_in_chunk")
     draft, scored = [5, mask, 7, mask], [True, False, True, False]  # slots 1 and 3 unconfirmed: [MASK]
-    cfg = PrefillConfig(chunk_size=8, draft_likelihood=mode, score_batch=3)
-    scores = score_chunks_draft(model, prompt, chunks, draft, cfg, scored)
+    cfg = PrefillConfig(chunk_size=8, chunking="bos_in_chunk", score="draft", draft_likelihood=mode, score_batch=3)
+    scores = draft_scores(model, prompt, cfg, draft, scored)
     P, Q = len(prompt.prefix), len(prompt.query)
     for c, score in zip(chunks, scores):
         C = len(c)
@@ -202,7 +219,8 @@ def positions_of(mode, grid, selected=(1, 2)):
 @pytest.mark.parametrize("mode,selected,grid_starts,grid_query,packed_starts,packed_query", [
     ("continuous", (1, 2), [3, 11], 3 + 2 * 8, [3, 11], 11 + 5),  # query at P + K * chunk_size: a gap of 3
     ("reuse", (1, 2), [3, 3], 3 + 8, [3, 3], 3 + 8),
-    ("absolute", (0, 2), [3, 19], 3 + 3 * 8, [3, 19], 19 + 5),
+    ("absolute", (0, 2), [3, 19], 19 + 5, [3, 19], 19 + 5),  # the query right after the last kept row
+    ("absolute", (0, 1), [3, 11], 11 + 8, [3, 11], 3 + 8 + 8 + 5),  # official: not after the whole context
 ])
 def test_positions_continuous_reuse_absolute_with_a_short_last_chunk(mode, selected, grid_starts, grid_query,
                                                                      packed_starts, packed_query):
@@ -245,10 +263,10 @@ def test_official_preset_end_to_end_under_threshold_0_9(model_name, request):
     chunks = split_chunks(prompt.context, 8, model.cfg.bos_id, "bos_in_chunk")
     assert method.chunk_lengths[0] == [8, 8, 8, 5]
     draft, confirmed = confidence_draft(model, prompt.prefix + prompt.query, 4, rounds=1)
-    scores = score_chunks_draft(model, prompt, chunks, draft, cfg, confirmed)
+    scores = draft_scores(model, prompt, cfg, draft, confirmed)
     assert_close(method.scores[0], scores)
     assert method.selected[0] == select_chunks(scores, 2)
-    lay = method.layouts[0]
+    lay = method.pool.layouts[0]
     P, K = len(prompt.prefix), len(method.selected[0])
     starts = [lay.positions[s] for s, _ in lay.chunk_spans]
     if model_name == "dream":  # chunk k at P + k * chunk_size, the query at P + K * chunk_size
@@ -324,7 +342,7 @@ def test_official_cached_step_is_the_block_against_the_block_start_kv(model_name
     steps = StepRecorder(Prefill(PrefillConfig.official(model_name, chunk_size=8, top_k=2)))
     generate_official(model, [prompt], gc, steps)
     assert len(steps.steps) >= 2
-    lay = steps.method.layouts[0]
+    lay = steps.method.pool.layouts[0]
     G0, T = lay.gen_start, len(lay.tokens)
     cache = DenseKVCache.for_model(model, 1, T)
     pos = torch.tensor([lay.positions])

@@ -11,12 +11,40 @@ import torch
 from pdllm.attention import reference_attention
 from pdllm.cache import KVRecorder
 from pdllm.methods import make_method
-from pdllm.prefill import (AttentionProbe, Prefill, PrefillConfig, build_layout, draft_answer, draft_answers,
-                           keep_tokens, pool_tokens, score_chunks_attention, score_chunks_draft,
-                           score_requests_draft, select_chunks, split_chunks)
+from pdllm.prefill import CHUNKERS, Chunked, Prefill, PrefillConfig, build_layout
+from pdllm.prefill.draft import draft_answers, score_requests_draft
+from pdllm.prefill.scorers import AttentionProbe, pool_tokens
+from pdllm.prefill.selectors import keep_tokens, select_chunks
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.testing import StepRecorder, assert_close
 from pdllm.tokenizer import LongContextPrompt
+
+
+def chunked(prompt, chunk_size, bos_id, chunking="bos_added") -> Chunked:
+    """A request cut by a registered chunker: its spans and chunk rows."""
+    return Chunked.of(prompt, CHUNKERS[chunking](chunk_size)(prompt.context, bos_id), bos_id)
+
+
+def split_chunks(context, chunk_size, bos_id, chunking="bos_added"):
+    """The chunk rows of a bare context."""
+    return chunked(LongContextPrompt([], context, []), chunk_size, bos_id, chunking).chunks
+
+
+def attention_scores(model, prompt, chunk_size, slots=0, **knobs):
+    """One request's attention scores (``slots`` answer rows scored with the query)."""
+    scorer = PrefillConfig(chunk_size=chunk_size, **knobs).stage("score")
+    return scorer(model, [chunked(prompt, chunk_size, model.cfg.bos_id)], block_length=slots)[0]
+
+
+def draft_scores(model, prompt, chunk_size, draft, scored=None, **knobs):
+    """One request's draft scores for a given draft (``scored``: the slots read, default all)."""
+    scorer = PrefillConfig(chunk_size=chunk_size, score="draft", **knobs).stage("score")
+    scored = [True] * len(draft) if scored is None else scored
+    return score_requests_draft(model, [chunked(prompt, chunk_size, model.cfg.bos_id)], [(draft, scored)], scorer)[0]
+
+
+def draft_answer(model, prompt, **knobs):
+    return draft_answers(model, [prompt], PrefillConfig(score="draft", **knobs).stage("score"))[0]
 
 
 def request_of(model, context_len=45, seed=0):
@@ -86,7 +114,9 @@ def test_chunk_boundaries_and_bos_placement():
     with pytest.raises(ValueError, match="empty context"):
         split_chunks([], 8, 1)
     with pytest.raises(ValueError, match="chunk_size=0"):
-        split_chunks(ctx, 0, 1)
+        PrefillConfig(chunk_size=0)
+    spans = chunked(LongContextPrompt([], ctx, []), 8, 1).spans  # the data every later step reads
+    assert [(s.start, s.end, s.bos, s.rows) for s in spans] == [(0, 8, True, 9), (8, 16, True, 9), (16, 23, True, 8)]
 
 
 # ---- 2. scoring --------------------------------------------------------------------------------
@@ -122,9 +152,8 @@ def test_streamed_attention_scores_equal_the_full_attention_matrix(model_name, r
     model = request.getfixturevalue(model_name)
     prompt = request_of(model, 45)
     chunks = split_chunks(prompt.context, 8, model.cfg.bos_id)
-    cfg = PrefillConfig(chunk_size=8, score_layers=2, score_batch=3)
     expected = explicit_attention_scores(model, prompt, chunks, range(model.cfg.n_layers - 2, model.cfg.n_layers), 7)
-    assert_close(score_chunks_attention(model, prompt, chunks, cfg), expected, torch.float32)
+    assert_close(attention_scores(model, prompt, 8, score_layers=2, score_batch=3), expected, torch.float32)
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
@@ -136,16 +165,16 @@ def test_early_exit_scores_read_the_layers_at_or_below_the_depth_and_run_no_late
     hooks = [b.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, b in enumerate(model.blocks)]
     hooks.append(model.norm_f.register_forward_hook(lambda m, i, o: ran.append("norm_f")))
     try:
-        scores = score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=1, score_batch=3))
+        scores = attention_scores(model, prompt, 8, score_depth=1, score_batch=3)
     finally:
         for h in hooks:
             h.remove()
     assert set(ran) == {0}  # no later block, no final norm (nor head)
     assert_close(scores, explicit_attention_scores(model, prompt, chunks, range(0, 1), 7), torch.float32)
-    full_depth = score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=2, score_layers=1))
+    full_depth = attention_scores(model, prompt, 8, score_depth=2, score_layers=1)
     assert_close(full_depth, explicit_attention_scores(model, prompt, chunks, range(1, 2), 7), torch.float32)
     with pytest.raises(ValueError, match="score_depth=3 is deeper than the model"):
-        score_chunks_attention(model, prompt, chunks, PrefillConfig(chunk_size=8, score_depth=3))
+        attention_scores(model, prompt, 8, score_depth=3)
     with pytest.raises(ValueError, match="stop_after=3"):
         model(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), stop_after=3)
 
@@ -166,8 +195,7 @@ def test_draft_scores_are_mean_log_probs(model_name, mode, request):
     prompt = request_of(model, 20)
     chunks = split_chunks(prompt.context, 8, model.cfg.bos_id)
     draft = [5, 6, 7]
-    scores = score_chunks_draft(model, prompt, chunks, draft, PrefillConfig(chunk_size=8, draft_likelihood=mode,
-                                                                             score_batch=2))
+    scores = draft_scores(model, prompt, 8, draft, draft_likelihood=mode, score_batch=2)
     assert scores.shape == (len(chunks),) and (scores < 0).all()
     c = chunks[1]  # recompute one by hand
     if mode == "masked":
@@ -298,12 +326,11 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
 
 def test_answer_slots_are_scored_with_the_query(llada):
     prompt = request_of(llada, 45)
-    chunks = split_chunks(prompt.context, 8, llada.cfg.bos_id)
-    cfg = PrefillConfig(chunk_size=8)
-    plain = score_chunks_attention(llada, prompt, chunks, cfg, slots=0)
-    slotted = score_chunks_attention(llada, prompt, chunks, cfg, slots=4)
+    plain = attention_scores(llada, prompt, 8, slots=0)
+    slotted = attention_scores(llada, prompt, 8, slots=4)
     masked_query = LongContextPrompt(prompt.prefix, prompt.context, prompt.query + [llada.cfg.mask_id] * 4)
-    assert_close(slotted, score_chunks_attention(llada, masked_query, chunks, cfg, slots=0), torch.float32)
+    assert_close(slotted, attention_scores(llada, masked_query, 8, slots=0), torch.float32)
+    assert_close(slotted, attention_scores(llada, prompt, 8, slots=0, score_slots=4), torch.float32)
     assert not torch.allclose(plain, slotted)
     with pytest.raises(ValueError, match="score_slots=-1"):
         PrefillConfig(score_slots=-1)
@@ -359,7 +386,7 @@ def test_draft_scoring_batched_across_requests_equals_each_request_alone(model_n
     gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
     batch = [request_of(model, n, seed=s) for s, n in ((0, 45), (1, 20), (2, 33))]
     knobs = dict(chunk_size=8, top_k=2, score="draft", draft_likelihood=likelihood, **draft)
-    drafts = [draft_answer(model, req, PrefillConfig(**knobs)) for req in batch]
+    drafts = [draft_answer(model, req, **{k: v for k, v in knobs.items() if k != "score"}) for req in batch]
     if draft["draft_scored"] == "confirmed":
         assert all(1 <= sum(s) < 4 for _, s in drafts)  # some slots unread, so the confirmed path is exercised
     together_method = Prefill(**knobs)
@@ -375,22 +402,22 @@ def test_draft_scoring_batched_across_requests_equals_each_request_alone(model_n
     assert batched.n < serial.n
     # the scoring alone, every row in one batch: one forward per row length (the full chunks of all
     # three requests share one, each short last chunk has its own) against two per request alone
-    cfg = PrefillConfig(**knobs, score_batch=128)
-    chunks = [split_chunks(req.context, 8, model.cfg.bos_id) for req in batch]
+    scorer = PrefillConfig(**knobs, score_batch=128).stage("score")
+    requests = [chunked(req, 8, model.cfg.bos_id) for req in batch]
     with ForwardCounter(model) as shared:
-        scores = score_requests_draft(model, batch, chunks, drafts, cfg)
+        scores = score_requests_draft(model, requests, drafts, scorer)
     with ForwardCounter(model) as one_by_one:
-        for req, cs, (d, s), together_scores in zip(batch, chunks, drafts, scores):
-            assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
-    lengths = {len(req.prefix + c + req.query) for req, cs in zip(batch, chunks) for c in cs}
+        for r, (d, s), together_scores in zip(requests, drafts, scores):
+            assert_close(together_scores, score_requests_draft(model, [r], [(d, s)], scorer)[0], torch.float32)
+    lengths = {len(r.prompt.prefix + c + r.prompt.query) for r in requests for c in r.chunks}
     assert shared.n == len(lengths) == 4 and one_by_one.n == 2 * len(batch)
     # rows of one length that read other logit rows (2 query tokens moved into the prefix): the
     # causal rows of the moved request may not share a forward with the others', and none leaks
     moved = LongContextPrompt(batch[1].prefix + batch[1].query[:2], batch[1].context, batch[1].query[2:])
-    mixed, mixed_chunks = [batch[0], moved], [chunks[0], chunks[1]]
-    mixed_scores = score_requests_draft(model, mixed, mixed_chunks, drafts[:2], cfg)
-    for req, cs, (d, s), together_scores in zip(mixed, mixed_chunks, drafts, mixed_scores):
-        assert_close(together_scores, score_chunks_draft(model, req, cs, d, cfg, s), torch.float32)
+    mixed = [requests[0], chunked(moved, 8, model.cfg.bos_id)]
+    mixed_scores = score_requests_draft(model, mixed, drafts[:2], scorer)
+    for r, (d, s), together_scores in zip(mixed, drafts, mixed_scores):
+        assert_close(together_scores, score_requests_draft(model, [r], [(d, s)], scorer)[0], torch.float32)
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
@@ -403,13 +430,13 @@ def test_drafts_decode_as_one_batch_equal_to_each_request_alone(model_name, draf
     model = request.getfixturevalue(model_name)
     base = [request_of(model, 20, seed=s) for s in range(3)]
     prompts = [LongContextPrompt(p.prefix[: 6 - s], p.context, p.query[: 6 - 2 * s]) for s, p in enumerate(base)]
-    cfg = PrefillConfig(score="draft", draft_scored="confirmed", **draft)
+    scorer = PrefillConfig(score="draft", draft_scored="confirmed", **draft).stage("score")
     with ForwardCounter(model) as together:
-        drafts = draft_answers(model, prompts, cfg)
+        drafts = draft_answers(model, prompts, scorer)
     alone = []
     for p, d in zip(prompts, drafts):
         with ForwardCounter(model) as count:
-            assert draft_answer(model, p, cfg) == d
+            assert draft_answers(model, [p], scorer)[0] == d
         alone.append(count.n)
     assert together.n == max(alone) and len({len(p.prefix + p.query) for p in prompts}) == 3
     if draft.get("draft_threshold"):  # until full: some row fills before the others and must stay as it is
@@ -440,15 +467,22 @@ class ReencodedChunks(StepRecorder):
         m.begin(model, batch)
         for b, prompt in enumerate(batch.prompts):
             chunks = split_chunks(prompt.context, m.cfg.chunk_size, model.cfg.bos_id)
-            lay, P = m.layouts[b], len(prompt.prefix)
+            lay, P = m.pool.layouts[b], len(prompt.prefix)
             for i, (s, e) in zip(m.selected[b], lay.chunk_spans):
                 k, v = scored_kv(model, prompt, chunks[i], prompt.query + [model.cfg.mask_id] * self.slots,
                                  lay.positions[s] - P)
-                m.cache.store(m.rows[b][s:e], k, v)
+                m.pool.cache.store(m.pool.rows[b][s:e], k, v)
 
 
-@pytest.mark.parametrize("positions", ["reuse", "continuous", "absolute"])
-def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(llada, positions):
+@pytest.mark.parametrize("positions, held", [("reuse", None), ("continuous", None), ("absolute", None),
+                                             ("continuous", 1)])
+def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(llada, positions, held, monkeypatch):
+    """held=1: the stream holds one chunk's K/V and the selection keeps three (a selector that reaches
+    past what it holds): the others are encoded again by their scoring forward, the same K/V."""
+    if held is not None:
+        from pdllm.prefill.selectors import TopK
+
+        monkeypatch.setattr(TopK, "held", lambda self, n: held)
     gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
     batch = [request_of(llada, 45, seed=0), request_of(llada, 33, seed=2)]
     knobs = dict(chunk_size=8, top_k=3, cache_mode="chunk_query", positions=positions)
@@ -457,12 +491,12 @@ def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(l
     m = once.method
     assert m.stats["encode_once"]
     for b, prompt in enumerate(batch):  # the pool's chunk rows are the chunk's scoring K/V, moved to its place
-        chunks, lay = split_chunks(prompt.context, 8, llada.cfg.bos_id), m.layouts[b]
+        chunks, lay, pool = split_chunks(prompt.context, 8, llada.cfg.bos_id), m.pool.layouts[b], m.pool
         for i, (s, e) in zip(m.selected[b], lay.chunk_spans):
             k, v = scored_kv(llada, prompt, chunks[i], prompt.query + [llada.cfg.mask_id] * 4,
                              lay.positions[s] - len(prompt.prefix))
-            assert_close(m.cache.k[:, :, m.rows[b][s:e]], k, torch.float32)
-            assert_close(m.cache.v[:, :, m.rows[b][s:e]], v, torch.float32)
+            assert_close(pool.cache.k[:, :, pool.rows[b][s:e]], k, torch.float32)
+            assert_close(pool.cache.v[:, :, pool.rows[b][s:e]], v, torch.float32)
     again = ReencodedChunks(Prefill(**knobs), slots=4)
     assert torch.equal(generate(llada, batch, gc, method=again).tokens, out.tokens)
     for a, b in zip(once.logits, again.logits):
@@ -479,26 +513,27 @@ def test_encode_once_probe_holds_only_the_chunk_rows(llada):
         assert t.shape[2] == 8 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def test_streamed_top_k_holds_exactly_the_chunks_select_chunks_picks():
-    from pdllm.cache import ChunkKVCache
-    from pdllm.prefill import StreamedTopK
+def test_kept_kv_holds_exactly_the_chunks_top_k_picks(llada):
+    from pdllm.prefill.cache_build import KeptKV
+    from pdllm.prefill.stages import Span
 
+    L, Hkv, D = llada.cfg.n_layers, llada.cfg.n_kv_heads, llada.cfg.head_dim
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         n, k = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
         scores = torch.randint(0, 4, (n,), generator=g).float()  # many ties
         scores[torch.rand(n, generator=g) < 0.2] = float("nan")
-        chunks = [[[0] * 3 for _ in range(n)]]
-        cache = ChunkKVCache(n_layers=1, n_kv_heads=1, head_dim=2, capacity=k * 3, dtype=torch.float32, device="cpu")
-        keep = StreamedTopK(cache, k, chunks)
+        request = Chunked(LongContextPrompt([], [0] * 3 * n, []), [Span(3 * i, 3 * i + 3) for i in range(n)],
+                          [[0] * 3] * n, list(range(n)))
+        sink = KeptKV(llada, [request], [min(k, n)])
         for i in torch.randperm(n, generator=g).tolist():  # any order of scoring
-            probe = AttentionProbe([], slice(0), slice(0), 1, keep_kv=True)
-            probe.k, probe.v = [torch.full((1, 1, 3, 2), float(i))], [torch.full((1, 1, 3, 2), -float(i))]
-            keep.offer(0, i, scores[i].item(), probe, 0)
+            layers = [(torch.full((Hkv, 3, D), float(i)), torch.full((Hkv, 3, D), -float(i))) for _ in range(L)]
+            sink.offer(0, i, scores[i].item(), lambda layers=layers: layers)
         picked = select_chunks(scores, k)
-        assert sorted(keep.held[0]) == picked
+        assert sorted(sink.held[0]) == picked and all(sink.holds(0, i) == (i in picked) for i in range(n))
         for i in picked:  # each chunk's K/V sits in its own slot
-            assert (cache.k[0, 0, keep.rows(0, i)] == i).all() and (cache.v[0, 0, keep.rows(0, i)] == -i).all()
+            kk, vv = sink.kv(0, i)
+            assert kk.shape == (L, Hkv, 3, D) and (kk == i).all() and (vv == -i).all()
 
 
 @pytest.mark.parametrize("name, knobs", [("prefill", dict(chunk_size=8, top_k=2)), ("dual", {})])

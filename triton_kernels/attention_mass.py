@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdllm.autotune.configs import get_config
 from pdllm.triton_kernels.chunk_attention import LOG2E, _check_inputs, cdiv, next_pow2
 
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -97,8 +98,6 @@ def key_attention_mass(q, k_pool, kv_index, kv_len, lse, scale=None, config=None
     mass = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if mass.numel() == 0:
         return mass
-
-    from pdllm.autotune.configs import get_config
 
     cfg = dict(get_config("key_attention_mass", q.device, kv_len=L, q_rows=Tq, head_dim=D, group=group, dtype=q.dtype))
     if config:

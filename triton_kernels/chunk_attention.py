@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdllm.autotune.configs import get_config, rescale_splits
+
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): scores are kept in base 2 so the kernels can use exp2
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernel: lse back to natural log
 
@@ -370,8 +372,6 @@ def fit_shared_memory(cfg: dict, block_m: int, head_dim: int, elem_bytes: int, l
 
 def launch_config(q, Hkv, L, config=None, num_splits=None):
     """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults)."""
-    from pdllm.autotune.configs import get_config, rescale_splits
-
     B, H, Tq, D = q.shape
     group = H // Hkv
     block_m = block_m_for(group * Tq)

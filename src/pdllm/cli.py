@@ -5,146 +5,30 @@ checkpoint takes minutes), and calls pdllm.loading, pdllm.methods and pdllm.samp
 is one line ``pdllm: error: ...`` on stderr and exit status 2; ``--debug`` anywhere on the command
 line (or PDLLM_DEBUG=1) shows the traceback instead. A warning is one line ``pdllm: warning: ...``.
 
-Flags are derived, not written out: every field of GenerationConfig is a decoding flag, and every
-knob of every registered method (pdllm.methods.METHODS: the keywords of its __init__, and the
-fields of a config dataclass it takes, such as PrefillConfig) is one flag, ``--chunk-size`` for
-``chunk_size``; a bool is ``--x`` / ``--no-x``, ``none`` gives None to an optional knob. A knob
-left out keeps the config's default (or the preset's). ``choices=`` come from the modes tuples in
-CHOICES. A field added to a config gets its flag with no change here.
+Flags are derived, not written out (pdllm.knobs): every field of GenerationConfig is a decoding
+flag, and every knob of every registered method (pdllm.methods.METHODS: the keywords of its
+__init__, and the knobs of a config it takes, such as PrefillConfig's, which include every
+registered selection stage's) is one flag, ``--chunk-size`` for ``chunk_size``. A knob left out
+keeps the config's default (or the preset's). A field added to a config, or a stage registered with
+its knobs, gets its flag with no change here.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import os
 import sys
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pdllm.knobs import ArgumentError, ArgumentParser, UsageError, add_knob, all_method_knobs, config_knobs, given_knobs
 from pdllm.loading import EMBEDDED_MODEL, check_device, check_dtype, default_device, load_model
+from pdllm.methods import METHODS
 
 DEBUG_ENV = "PDLLM_DEBUG"
 CLI_DEFAULTS = {"gen_length": 32, "steps": 32}  # the command answers short questions: 32 tokens, 32 steps
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; the message names the flag or file and the fix."""
-
-
-class ArgumentError(SystemExit):
-    """A bad command line, already reported in one line by ArgumentParser.error (exit status 2)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line `pdllm: error: ...` (no usage dump), then exit status 2."""
-
-    def error(self, message):
-        print(f"pdllm: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise ArgumentError(2)
-
-
-def _choices() -> dict[str, tuple]:
-    """Knob name -> its allowed values (the tuples the configs validate against)."""
-    from pdllm import prefill, sampler
-
-    return {"remasking": sampler.REMASKING, "score": prefill.SCORE_MODES, "cache_mode": prefill.CACHE_MODES,
-            "positions": prefill.POSITION_MODES, "chunking": prefill.CHUNKINGS,
-            "draft_decoder": prefill.DRAFT_DECODERS, "draft_likelihood": prefill.DRAFT_LIKELIHOODS,
-            "position_grid": prefill.POSITION_GRIDS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Knobs: derived from the config dataclasses and the methods' keywords
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Knob:
-    name: str  # the keyword (chunk_size); the flag is --chunk-size
-    type: Any  # int, float, str or bool
-    optional: bool  # None is allowed (given as `none`)
-    default: Any
-    methods: list[str] = dataclasses.field(default_factory=list)  # the methods that take it (none: decoding)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def _knob(name: str, hint, default) -> Knob | None:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if base not in (int, float, str, bool):
-        return None  # not a command-line value (an object, a callable): set it from Python
-    return Knob(name, base, optional, default)
-
-
-def config_knobs(cls) -> list[Knob]:
-    """One knob per field of a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    knobs = (_knob(f.name, hints[f.name], f.default) for f in dataclasses.fields(cls))
-    return [k for k in knobs if k is not None]
-
-
-def method_knobs(cls) -> list[Knob]:
-    """The knobs of a method class: its __init__ keywords, and the fields of a dataclass it takes."""
-    hints = typing.get_type_hints(cls.__init__)
-    knobs = []
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            continue
-        inner = [a for a in typing.get_args(hints.get(name)) or [hints.get(name)] if dataclasses.is_dataclass(a)]
-        if inner:
-            knobs += config_knobs(inner[0])
-        elif (k := _knob(name, hints.get(name), param.default)) is not None:
-            knobs.append(k)
-    return knobs
-
-
-def all_method_knobs() -> dict[str, Knob]:
-    """Every method's knobs by name; a name that two methods share is one flag."""
-    from pdllm.methods import METHODS
-
-    knobs: dict[str, Knob] = {}
-    for method, cls in METHODS.items():
-        for k in method_knobs(cls):
-            knobs.setdefault(k.name, k).methods.append(method)
-    return knobs
-
-
-def _value_parser(knob: Knob, choices: tuple | None):
-    def parse(text: str):
-        if knob.optional and text.lower() == "none":
-            return None
-        value = knob.type(text)
-        if choices is not None and value not in choices:
-            raise argparse.ArgumentTypeError(
-                f"invalid choice {text!r} (choose from {', '.join(str(c).lower() for c in choices)})")
-        return value
-    parse.__name__ = knob.type.__name__  # argparse names the type in "invalid int value"
-    return parse
-
-
-def add_knob(group, knob: Knob, default=None):
-    """--flag for a knob; left out, the attribute is absent (the config's or preset's default applies)."""
-    choices = _choices().get(knob.name)
-    shown = knob.default if default is None else default
-    shown = "-" if shown is dataclasses.MISSING else shown
-    where = f" [--method {', '.join(knob.methods)}]" if knob.methods else ""
-    help_ = f"default: {str(shown).lower() if shown is None else shown}{where}"
-    if knob.type is bool:
-        group.add_argument(knob.flag, dest=knob.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_)
-        return
-    metavar = "{" + ",".join(str(c).lower() for c in choices) + "}" if choices else knob.type.__name__.upper()
-    group.add_argument(knob.flag, dest=knob.name, type=_value_parser(knob, choices), default=argparse.SUPPRESS,
-                       metavar=metavar, help=help_)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +74,6 @@ PRESET_HELP = {"official": "the official code's selection (PrefillConfig.officia
 
 
 def add_generation_args(p: argparse.ArgumentParser):
-    from pdllm.methods import METHODS
     from pdllm.sampler import GenerationConfig
 
     g = p.add_argument_group("decoding (GenerationConfig)")
@@ -200,7 +83,7 @@ def add_generation_args(p: argparse.ArgumentParser):
     g.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="; ".join(f"{name}: {PRESET_HELP.get(name, '')}" for name in PRESETS))
     groups = {}
-    for knob in all_method_knobs().values():
+    for knob in all_method_knobs(METHODS).values():
         owner = knob.methods[0]
         if owner not in groups:
             groups[owner] = p.add_argument_group(f"--method {owner}")
@@ -212,10 +95,6 @@ def add_generation_args(p: argparse.ArgumentParser):
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if there is a GPU)")
 
 
-def given_knobs(args, knobs) -> dict:
-    return {k.name: getattr(args, k.name) for k in knobs if hasattr(args, k.name)}
-
-
 def generation_config(args, preset: Preset | None = None):
     from pdllm.sampler import GenerationConfig
 
@@ -225,7 +104,7 @@ def generation_config(args, preset: Preset | None = None):
 
 def method_kwargs(args) -> dict:
     """The knobs of --method given on the command line; a knob of another method is an error."""
-    knobs = all_method_knobs()
+    knobs = all_method_knobs(METHODS)
     given = given_knobs(args, knobs.values())
     for name in given:
         knob = knobs[name]

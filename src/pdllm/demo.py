@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from pdllm.eval.harness import DEFAULT_PREFILL
     from pdllm.sampler import GenerationConfig, generate
 
-    from pdllm.cli import ArgumentParser
+    from pdllm.knobs import ArgumentParser
 
     p = ArgumentParser(prog="pdllm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)

@@ -1,22 +1,20 @@
-"""The decoding methods by name: the one place a method is registered.
+"""The decoding methods by name: the registry ``generate(..., method="name")`` resolves names in.
 
 A method is a small strategy object for the sampler (``begin`` once, ``block_logits`` per step;
-see pdllm.sampler). This module sits above the sampler and every method module: it imports them
-all, and ``generate(..., method="name")`` resolves the name here. The sampler itself imports no
-method module, so there is no sampler -> prefill -> sampler circle.
+see pdllm.sampler). Each method class registers itself where it is defined
+(``@METHODS.register``): the sampler's own (vanilla, prefix, dual), pdllm.prefill's, the
+baselines'. This module imports none of them, so the sampler can look names up here without an
+import circle; ``pdllm/__init__.py`` imports the built-in method modules.
 
 To add a method: write a class with ``name``, ``supports_cfg``, ``stats``, ``begin`` and
-``block_logits``, and add it to METHODS.
+``block_logits``, and decorate it with ``@METHODS.register``.
 """
 
 from __future__ import annotations
 
-from pdllm.baselines.dllm_cache import DllmCache
-from pdllm.baselines.dyllm import DyLLM
-from pdllm.prefill import Prefill
-from pdllm.sampler import DualCache, PrefixCache, Vanilla
+from pdllm.registry import Registry
 
-METHODS = {cls.name: cls for cls in (Vanilla, PrefixCache, DualCache, Prefill, DllmCache, DyLLM)}
+METHODS = Registry("method")
 
 
 def make_method(method, **kwargs):
@@ -25,6 +23,4 @@ def make_method(method, **kwargs):
         if kwargs:
             raise ValueError(f"method knobs {sorted(kwargs)} go with a method name, not a method object")
         return method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](**kwargs)
+    return METHODS.lookup(method)(**kwargs)

@@ -15,7 +15,7 @@ step)`` returning (B, end - start, V) logits that predict the tokens of x[:, sta
 counts the steps of the current block from 0). Built in here: ``vanilla`` (the whole sequence
 every step), ``prefix`` and ``dual`` (Fast-dLLM's KV caches, refreshed at the first step of each
 block). Prefilling-dLLM (``prefill``) and the baselines (``dllm_cache``, ``dyllm``) plug in the
-same way. Names resolve through pdllm.methods, the registry; this module imports no method module.
+same way. Every method class registers itself in pdllm.methods.METHODS, the registry names resolve in.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pdllm.cache import DenseKVCache
 from pdllm.graphs import capture, graphs_available
+from pdllm.methods import METHODS, make_method
 
 REMASKING = ("low_confidence", "random")
 _warned: set[str] = set()
@@ -47,7 +48,7 @@ class GenerationConfig:
     block_length: int = 32
     steps: int = 128  # over all blocks; ignored when threshold is set (a block runs until full)
     temperature: float = 0.0
-    remasking: str = "low_confidence"
+    remasking: str = field(default="low_confidence", metadata={"choices": REMASKING})
     threshold: float | None = None  # Fast-dLLM parallel decoding: unmask all with confidence >= threshold
     cfg_scale: float = 0.0  # classifier-free guidance (unconditional = prompt masked out)
 
@@ -194,6 +195,7 @@ def _prompt_ids(p) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+@METHODS.register
 class Vanilla:
     """The reference: the whole sequence through the model at every step."""
 
@@ -253,12 +255,14 @@ class DenseCache:
         return forward(x[:, q0:q1])
 
 
+@METHODS.register
 class PrefixCache(DenseCache):
     """Fast-dLLM's prefix cache: cached steps run the block and everything after it."""
 
     name, dual = "prefix", False
 
 
+@METHODS.register
 class DualCache(DenseCache):
     """Fast-dLLM's dual cache: cached steps run the block alone, against cached prefix and suffix."""
 
@@ -332,12 +336,7 @@ def generate(model, prompts, config: GenerationConfig | None = None, method="van
     config = config or GenerationConfig()
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 1 or hasattr(prompts, "token_ids"):
         prompts = [prompts]
-    if isinstance(method, str):  # the registry sits above the sampler (it imports every method module)
-        from pdllm.methods import make_method
-
-        method = make_method(method, **method_kwargs)
-    elif method_kwargs:
-        raise ValueError(f"method knobs {sorted(method_kwargs)} go with a method name, not a method object")
+    method = make_method(method, **method_kwargs)
     pad_id = model.cfg.eos_id if pad_id is None else pad_id
     batch = make_batch(model, prompts, config, pad_id)
     mask_id, dev = batch.mask_id, model.device

@@ -560,7 +560,7 @@ def run_recipe(args) -> int:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
-    from pdllm.cli import ArgumentParser  # bad flags: one line, no usage dump
+    from pdllm.knobs import ArgumentParser  # bad flags: one line, no usage dump
 
     ap = ArgumentParser(prog="pdllm train-toy", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
 from pdllm.baselines import RecomputeCount, block_logits_from
+from pdllm.methods import METHODS
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,7 @@ def _put(t: torch.Tensor, rows: torch.Tensor, value: torch.Tensor) -> None:
         t.scatter_(2, rows[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]), value.to(t.dtype))
 
 
+@METHODS.register
 class DllmCache:
     """dLLM-Cache with prompt interval K_p, response interval K_r and V-verify fraction rho."""
 

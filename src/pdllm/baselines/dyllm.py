@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
 from pdllm.baselines import RecomputeCount, block_logits_from
+from pdllm.methods import METHODS
 from pdllm.model import apply_rope
 
 
@@ -82,6 +83,7 @@ def _heads(linear, h, n_heads, head_dim, rope=None):
     return y if rope is None else apply_rope(y, *rope)
 
 
+@METHODS.register
 class DyLLM:
     """DyLLM with num_full_steps dense forwards per request and saliency threshold tau."""
 

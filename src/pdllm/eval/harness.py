@@ -32,7 +32,15 @@ import torch
 from tqdm import tqdm
 
 from pdllm import distributed
+from pdllm.data.synthetic import TASKS, make_examples, make_grid
 from pdllm.environment import environment
+from pdllm.eval import load_infinitebench, load_longbench
+from pdllm.eval.metrics import needle_cut, needle_recalled, paired_difference, wilson_interval
+from pdllm.knobs import ArgumentParser, UsageError, add_knob, config_knobs, given_knobs
+from pdllm.loading import EMBEDDED_MODEL, load_model
+from pdllm.methods import METHODS, make_method
+from pdllm.prefill import PrefillConfig
+from pdllm.prefill.stages import STEPS
 from pdllm.sampler import GenerationConfig, generate
 
 DEFAULT_PREFILL = dict(chunk_size=128, top_k=4, score_batch=64)  # the toy model's chunk size (see its card)
@@ -47,11 +55,16 @@ ABLATIONS = {  # name -> list of (label, prefill overrides), each one knob away 
     # layers the scoring forward runs (it reads the last score_layers of them): the scoring pass's cost
     "score_depth": [(f"depth={d}", dict(score_depth=d, score_layers=min(4, d))) for d in (2, 4, 6)]
     + [("depth=all", dict(score_depth=None))],
-    "score": [("attention", dict(score="attention")), ("draft", dict(score="draft"))],
     "token_capacity": [(f"cap={c}", dict(token_capacity=c)) for c in (None, 96, 64, 32)],
-    "cache_mode": [("full_prompt_mask", dict(cache_mode="full_prompt_mask")), ("chunk_query", dict(cache_mode="chunk_query"))],
     "positions": [(p, dict(positions=p)) for p in ("continuous", "reuse", "absolute")],
 }
+
+
+def ablations() -> dict:
+    """ABLATIONS, and one per step of the selection pipeline (chunking, score, selection, cache_mode):
+    every stage registered for it in turn, so a stage a fork registers is measured with no edit here."""
+    steps = {step: [(name, {step: name}) for name in registry] for step, registry in STEPS.items()}
+    return {**ABLATIONS, **steps}
 DEFAULT_ABLATIONS = ("top_k", "chunk_size", "score_depth", "cache_mode", "positions")
 
 
@@ -74,9 +87,6 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
                  **knobs) -> list[dict]:
     """Each synthetic example decoded by one method; per example whether the answer is exactly right and,
     for ``prefill``, which chunks were selected and whether those hold the whole needle (recall@K)."""
-    from pdllm.eval.metrics import needle_chunks, needle_recalled
-    from pdllm.methods import make_method
-
     records = []
     for i in distributed.my_share(range(0, len(examples), batch_size)):  # torchrun: this rank's batches
         part = examples[i : i + batch_size]
@@ -86,9 +96,9 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
         selected = getattr(obj, "selected", None) if method == "prefill" else None
         for j, (e, a) in enumerate(zip(part, answers)):
             rec = {"correct": a == e.answer, "seconds": dt / len(part)}
-            if selected is not None:
-                rec["needle_selected"] = needle_recalled(e.needle_span, obj.cfg.chunk_size, selected[j])
-                rec["needle_cut"] = len(needle_chunks(e.needle_span, obj.cfg.chunk_size)) > 1
+            if selected is not None:  # the method's own spans: any chunker's boundaries
+                rec["needle_selected"] = needle_recalled(e.needle_span, obj.spans[j], selected[j])
+                rec["needle_cut"] = needle_cut(e.needle_span, obj.spans[j])
             records.append(rec)
     return distributed.gather_in_order(records)  # every rank's, in the examples' order
 
@@ -96,8 +106,6 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
 def cell_summary(records: list[dict]) -> dict:
     """Accuracy with its 95% interval, recall@K, and the misses split by whether the needle's chunks were kept:
     a miss with the needle kept is lost by the model, one without it by the selection."""
-    from pdllm.eval.metrics import wilson_interval
-
     n, hits = len(records), sum(r["correct"] for r in records)
     out = {"n": n, "accuracy": hits / max(1, n), "ci95": list(wilson_interval(hits, n)),
            "seconds": sum(r["seconds"] for r in records), "correct": _bits(r["correct"] for r in records)}
@@ -139,8 +147,6 @@ def run_grid(model, tok, tasks, lengths, depths, n, methods, gen, batch_size, pr
              save=None, results: dict | None = None) -> dict:
     """Every method on the same examples of each (task, length, depth) cell, into ``results``
     (``save()`` is called after each task and length, so a cut run keeps what it did)."""
-    from pdllm.data.synthetic import make_grid
-
     deadline = deadline or Deadline(None)
     results = {} if results is None else results
     bar = tqdm(total=len(tasks) * len(lengths) * len(depths) * len(methods), desc="grid", unit="cell")
@@ -165,8 +171,6 @@ def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which,
                   results: dict | None = None) -> dict:
     """Each setting of ``which`` on the same examples, and the dense model (``vanilla``) on them
     too (key ``"dense"``), so that every setting reads as a share of dense accuracy."""
-    from pdllm.data.synthetic import make_examples
-
     deadline = deadline or Deadline(None)
     examples = {t: make_examples(t, n, length, seed="ablation", tokenizer=tok.tk) for t in tasks}
     dense = {t: synthetic_accuracy(model, tok, ex, gen, "vanilla", batch_size) for t, ex in examples.items()}
@@ -174,7 +178,7 @@ def run_ablations(model, tok, tasks, length, n, gen, batch_size, prefill, which,
     results.update({"length": length, "n_per_task": n,
                     "dense": {"accuracy": sum(r["accuracy"] for r in dense.values()) / len(dense), "tasks": dense}})
     done: dict = {}  # knobs -> per-task results: a setting that is the default runs once
-    settings = [(name, label, over) for name in which for label, over in ABLATIONS[name]]
+    settings = [(name, label, over) for name in which for label, over in ablations()[name]]
     for name, label, over in tqdm(settings, desc="ablations", unit="setting"):
         kwargs = {**prefill, **over}
         if (over.get("score_depth") or 0) > model.cfg.n_layers:
@@ -210,8 +214,6 @@ def summarize(report: dict) -> dict:
     """Per task and length, pooled over depths: each method's accuracy (95% Wilson interval), prefill's
     recall@K and where its misses come from, and paired differences on the same examples (prefill - dense,
     BOS anchors - none); per length and depth, pooled over tasks: the depth curve."""
-    from pdllm.eval.metrics import paired_difference, wilson_interval
-
     grid, out = report["grid"], {"by_task_length": {}, "depth_curve": {}}
     dense = "vanilla" if "vanilla" in grid else None
     for task in report["tasks"]:
@@ -396,8 +398,6 @@ def _errorbar(ax, xs, cells, **kw):
 def plot_lengths(report: dict, out: Path):
     """Accuracy against context length, pooled over tasks and depths (95% intervals): dense, prefill with BOS
     anchors and without; and prefill's recall@K of the needle's chunk beside it."""
-    from pdllm.eval.metrics import wilson_interval
-
     plt = _plt()
     grid, lengths = report["grid"], [str(L) for L in report["lengths"]]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -497,7 +497,6 @@ def plot_report(report: dict, out_dir: Path):
 
 
 def _list(text: str, flag: str, kind=str, allowed=None) -> list:
-    from pdllm.cli import UsageError
 
     items = [v.strip() for v in text.split(",") if v.strip()]
     try:
@@ -516,27 +515,17 @@ def eval_prefill_knobs() -> list:
     """The prefill flags of ``pdllm eval``: one per PrefillConfig field, derived as ``pdllm generate``
     derives them (pdllm.cli.config_knobs), except chunk_parallel: the eval already spreads its
     examples across torchrun's ranks, and chunk-parallel scoring needs every rank on one request."""
-    from pdllm.cli import config_knobs
-    from pdllm.prefill import PrefillConfig
-
     return [k for k in config_knobs(PrefillConfig) if k.name != "chunk_parallel"]
 
 
 def prefill_knobs(args) -> dict:
     """The prefill knobs of a run: DEFAULT_PREFILL, and the flags given on top."""
-    from pdllm.cli import given_knobs
-
     return {**DEFAULT_PREFILL, **given_knobs(args, eval_prefill_knobs())}
 
 
 def check_args(args):
     """The eval command's flags, checked before anything is loaded or written: (methods, benchmark
     examples or None, the synthetic grid's parsed lists or None): main runs what was checked."""
-    from pdllm.cli import UsageError
-    from pdllm.data.synthetic import TASKS
-    from pdllm.methods import METHODS
-    from pdllm.prefill import PrefillConfig
-
     methods = _list(args.methods, "--methods", allowed=(*METHODS, *GRID_METHODS))
     for flag, value in (("--n", args.n), ("--ablation-n", args.ablation_n), ("--gen-length", args.gen_length),
                         ("--batch-size", args.batch_size)):
@@ -555,7 +544,7 @@ def check_args(args):
         grid = {"tasks": _list(args.tasks, "--tasks", allowed=tuple(TASKS)) if args.tasks else list(TASKS),
                 "lengths": _list(args.lengths, "--lengths", int), "depths": _list(args.depths, "--depths", float),
                 "ablations": [] if args.ablations == "none" else _list(args.ablations, "--ablations",
-                                                                       allowed=tuple(ABLATIONS)),
+                                                                       allowed=tuple(ablations())),
                 "ablation_tasks": _list(args.ablation_tasks, "--ablation-tasks", allowed=tuple(TASKS))
                 if args.ablation_tasks else None}
         if not all(0 <= d <= 1 for d in grid["depths"]):
@@ -568,7 +557,6 @@ def check_args(args):
         raise UsageError(f"--limit {args.limit}: give at least 1 example per task (leave --limit out for all)")
     if args.max_gen is not None and args.max_gen < 1:
         raise UsageError(f"--max-gen {args.max_gen}: must be >= 1")
-    from pdllm.eval import load_infinitebench, load_longbench
 
     tasks = _list(args.tasks, "--tasks") if args.tasks else None
     load = load_longbench if args.longbench else load_infinitebench
@@ -576,8 +564,6 @@ def check_args(args):
 
 
 def main(argv=None) -> int:
-    from pdllm.cli import ArgumentParser, add_knob
-    from pdllm.loading import EMBEDDED_MODEL, load_model
 
     p = ArgumentParser(prog="pdllm eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
@@ -591,7 +577,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4, help="examples per grid cell")
     p.add_argument("--methods", default="vanilla,prefill,prefill_no_bos",
                    help=f"sampler methods, or {', '.join(GRID_METHODS)} (prefill with one knob changed)")
-    p.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS), help=f"comma-separated of {', '.join(ABLATIONS)}, or 'none'")
+    p.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS), help=f"comma-separated of {', '.join(ablations())}, or 'none'")
     p.add_argument("--ablation-n", type=int, default=20, help="examples per task for each ablation setting")
     p.add_argument("--ablation-length", type=int, default=None, help="context length of the ablations "
                    "(default: the trained length)")

@@ -448,18 +448,23 @@ def score(
 # Chunk selection: did the scorer keep the chunk that holds the answer? And how sure is a measured rate?
 
 
-def needle_chunks(span: tuple[int, int], chunk_size: int) -> list[int]:
-    """The chunks (``chunk_size`` context tokens each, numbered from 0) that the token span [start, end) overlaps."""
-    start, end = span
+def needle_recalled(needle: tuple[int, int], spans: Sequence, selected: Sequence[int]) -> bool:
+    """Recall of one request: every token of the needle (context tokens [start, end)) lies in a kept span
+    (``spans[i]`` for i in ``selected``; a span has ``start`` and ``end``). A needle cut in two by a chunk
+    boundary needs both halves kept; a token that no span holds (dropped by the chunking) is never recalled."""
+    start, end = needle
     if end <= start:
-        raise ValueError(f"empty needle span {span}")
-    return list(range(start // chunk_size, (end - 1) // chunk_size + 1))
+        raise ValueError(f"empty needle span {needle}")
+    covered = set()
+    for i in selected:
+        covered.update(range(max(start, spans[i].start), min(end, spans[i].end)))
+    return len(covered) == end - start
 
 
-def needle_recalled(span: tuple[int, int], chunk_size: int, selected: Sequence[int]) -> bool:
-    """Recall@K of one request: every chunk the needle overlaps is among the selected ones (a needle cut in two by
-    a chunk boundary needs both halves to be readable)."""
-    return set(needle_chunks(span, chunk_size)) <= set(selected)
+def needle_cut(needle: tuple[int, int], spans: Sequence) -> bool:
+    """Whether no single span holds the whole needle: a chunk boundary cuts it."""
+    start, end = needle
+    return not any(s.start <= start and end <= s.end for s in spans)
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
