@@ -92,7 +92,7 @@ def quality(args) -> dict:
             answers = [tok.decode(ids).strip() for ids in out.tokens.tolist()]
             correct += [a == e.answer for a, e in zip(answers, examples[i : i + args.batch_size])]
             kept = getattr(method, "selected", None)
-            selected += [None] * len(answers) if kept is None else list(zip(method.spans, kept))
+            selected += [None] * len(answers) if kept is None else method.kept_spans
         return correct, selected, seconds
 
     def summary(label, knobs, correct, selected, seconds):
@@ -100,7 +100,7 @@ def quality(args) -> dict:
         k = sum(correct)
         row.update(exact_match=k / len(correct), exact_match_interval=wilson_interval(k, len(correct)))
         if selected[0] is not None:  # recall@K: every token of the answer's needle is in a kept chunk
-            hits = sum(needle_recalled(e.needle_span, spans, sel) for e, (spans, sel) in zip(examples, selected))
+            hits = sum(needle_recalled(e.needle_span, kept) for e, kept in zip(examples, selected))
             row.update(needle_recall=hits / len(examples), needle_recall_interval=wilson_interval(hits, len(examples)))
         per_task = {}
         for t in args.tasks:

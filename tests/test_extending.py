@@ -27,8 +27,8 @@ class EvenChunks(Stage):
     def problems(self):
         return [] if self.n_chunks >= 1 else [f"n_chunks={self.n_chunks} must be >= 1"]
 
-    def __call__(self, context, bos_id):
-        n = len(context)
+    def __call__(self, prompt, bos_id):
+        n = len(prompt.context)
         cuts = sorted({round(n * k / self.n_chunks) for k in range(self.n_chunks + 1)})
         return [Span(a, b, bos_id is not None) for a, b in zip(cuts, cuts[1:])]
 

@@ -18,13 +18,14 @@ BOS, MASK, V = 1, 0, 6  # the hand-made vocabulary of the unmasking tests
 
 def split_chunks(context, chunk_size, bos_id, chunking="bos_added"):
     """The chunk rows a registered chunker cuts a bare context into."""
-    return Chunked.of(LongContextPrompt([], context, []), CHUNKERS[chunking](chunk_size)(context, bos_id), bos_id).chunks
+    prompt = LongContextPrompt([], context, [])
+    return Chunked.of(prompt, CHUNKERS[chunking](chunk_size)(prompt, bos_id), bos_id).chunks
 
 
 def draft_scores(model, prompt, cfg, draft, scored):
     """One request's draft scores under cfg's chunking and draft scorer, for a given draft."""
     bos = model.cfg.bos_id
-    request = Chunked.of(prompt, cfg.stage("chunking")(prompt.context, bos), bos)
+    request = Chunked.of(prompt, cfg.stage("chunking")(prompt, bos), bos)
     return score_requests_draft(model, [request], [(draft, scored)], cfg.stage("score"))[0]
 
 

@@ -22,7 +22,7 @@ from pdllm.tokenizer import LongContextPrompt
 
 def chunked(prompt, chunk_size, bos_id, chunking="bos_added") -> Chunked:
     """A request cut by a registered chunker: its spans and chunk rows."""
-    return Chunked.of(prompt, CHUNKERS[chunking](chunk_size)(prompt.context, bos_id), bos_id)
+    return Chunked.of(prompt, CHUNKERS[chunking](chunk_size)(prompt, bos_id), bos_id)
 
 
 def split_chunks(context, chunk_size, bos_id, chunking="bos_added"):
@@ -117,6 +117,37 @@ def test_chunk_boundaries_and_bos_placement():
         PrefillConfig(chunk_size=0)
     spans = chunked(LongContextPrompt([], ctx, []), 8, 1).spans  # the data every later step reads
     assert [(s.start, s.end, s.bos, s.rows) for s in spans] == [(0, 8, True, 9), (8, 16, True, 9), (16, 23, True, 8)]
+
+
+def test_overlapping_chunks_reach_into_their_neighbours():
+    prompt = LongContextPrompt([], list(range(10, 33)), [])  # 23 tokens
+    spans = PrefillConfig(chunk_size=8, chunking="overlap", chunk_overlap=2).stage("chunking")(prompt, 1)
+    assert [(s.start, s.end, s.bos) for s in spans] == [(0, 10, True), (6, 18, True), (14, 23, True)]
+    assert Chunked.of(prompt, spans, 1).chunks[1] == [1] + prompt.context[6:18]
+    with pytest.raises(ValueError, match="chunk_overlap=-1"):
+        PrefillConfig(chunking="overlap", chunk_overlap=-1)
+
+
+def test_keep_margin_widens_the_selected_chunks_and_merges_those_that_meet(llada):
+    from pdllm.prefill.selectors import widen
+
+    r = chunked(LongContextPrompt([9], list(range(10, 50)), [7]), 8, 1)  # 40 tokens: 5 chunks
+    w = widen(r, [1, 2, 4], 3, 1)
+    assert [(s.start, s.end, s.bos) for s in w.spans] == [(5, 27, True), (29, 40, True)]
+    assert w.chunks[0] == [1] + list(range(15, 37))
+    with pytest.raises(ValueError, match="keep_margin needs positions"):
+        PrefillConfig(keep_margin=4, positions="absolute")
+    gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
+    req = request_of(llada, 45)
+    for cache_mode in ("full_prompt_mask", "chunk_query"):
+        plain = Prefill(chunk_size=8, top_k=2, cache_mode=cache_mode)
+        wide = Prefill(chunk_size=8, top_k=2, keep_margin=3, cache_mode=cache_mode)
+        generate(llada, [req], gc, method=plain)
+        out = generate(llada, [req], gc, method=wide)
+        assert wide.selected == plain.selected and (out.tokens != llada.cfg.mask_id).all()
+        expected = widen(chunked(req, 8, llada.cfg.bos_id), plain.selected[0], 3, llada.cfg.bos_id).spans
+        assert wide.kept_spans[0] == expected
+        assert out.stats["kv_rows"][0] == len(req.prefix) + sum(s.rows for s in expected) + len(req.query) + 4
 
 
 # ---- 2. scoring --------------------------------------------------------------------------------

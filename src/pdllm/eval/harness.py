@@ -97,7 +97,7 @@ def run_examples(model, tok, examples, gen: GenerationConfig, method: str = "van
         for j, (e, a) in enumerate(zip(part, answers)):
             rec = {"correct": a == e.answer, "seconds": dt / len(part)}
             if selected is not None:  # the method's own spans: any chunker's boundaries
-                rec["needle_selected"] = needle_recalled(e.needle_span, obj.spans[j], selected[j])
+                rec["needle_selected"] = needle_recalled(e.needle_span, obj.kept_spans[j])
                 rec["needle_cut"] = needle_cut(e.needle_span, obj.spans[j])
             records.append(rec)
     return distributed.gather_in_order(records)  # every rank's, in the examples' order

@@ -448,16 +448,16 @@ def score(
 # Chunk selection: did the scorer keep the chunk that holds the answer? And how sure is a measured rate?
 
 
-def needle_recalled(needle: tuple[int, int], spans: Sequence, selected: Sequence[int]) -> bool:
+def needle_recalled(needle: tuple[int, int], kept: Sequence) -> bool:
     """Recall of one request: every token of the needle (context tokens [start, end)) lies in a kept span
-    (``spans[i]`` for i in ``selected``; a span has ``start`` and ``end``). A needle cut in two by a chunk
-    boundary needs both halves kept; a token that no span holds (dropped by the chunking) is never recalled."""
+    (each has ``start`` and ``end``). A needle cut in two by a chunk boundary needs both halves kept; a token
+    that no span holds (dropped by the chunking) is never recalled."""
     start, end = needle
     if end <= start:
         raise ValueError(f"empty needle span {needle}")
     covered = set()
-    for i in selected:
-        covered.update(range(max(start, spans[i].start), min(end, spans[i].end)))
+    for s in kept:
+        covered.update(range(max(start, s.start), min(end, s.end)))
     return len(covered) == end - start
 
 

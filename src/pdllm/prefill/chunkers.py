@@ -2,8 +2,9 @@
 
 Every chunk gets a BOS anchor in front, so each carries its own attention sink wherever it is
 placed later (the method's first idea; ``chunk_bos=False`` turns the anchors off). A chunker is
-called with the context's token ids and the anchor's id (None: no anchors) and returns contiguous
-or overlapping spans, none empty.
+called with the request's prompt (its ``context`` ids, and ``breaks`` where the tokenizer gave the
+text's structure) and the anchor's id (None: no anchors), and returns spans of the context in
+order, contiguous or overlapping, none empty.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdllm.prefill.stages import CHUNKERS, Span, Stage, at_least
+from pdllm.tokenizer import LongContextPrompt
 
 
 def check_context(context: list[int]):
     if not context:
         raise ValueError("empty context: there is nothing to chunk")
+    return context
 
 
 @CHUNKERS.register
@@ -30,9 +33,8 @@ class FixedChunks(Stage):
     def problems(self):
         return at_least(self, 1, "chunk_size")
 
-    def __call__(self, context: list[int], bos_id: int | None) -> list[Span]:
-        check_context(context)
-        n, c = len(context), self.chunk_size
+    def __call__(self, prompt: LongContextPrompt, bos_id: int | None) -> list[Span]:
+        n, c = len(check_context(prompt.context)), self.chunk_size
         return [Span(s, min(s + c, n), bos_id is not None) for s in range(0, n, c)]
 
 
@@ -55,8 +57,8 @@ class OfficialChunks(Stage):
             return [f"chunking='bos_in_chunk' needs chunk_size >= 2 (the BOS takes one of its {self.chunk_size} rows)"]
         return []
 
-    def __call__(self, context: list[int], bos_id: int | None) -> list[Span]:
-        check_context(context)
+    def __call__(self, prompt: LongContextPrompt, bos_id: int | None) -> list[Span]:
+        context = check_context(prompt.context)
         n, c = len(context), self.chunk_size
         spans = []
         for s in range(0, n, c):
@@ -64,3 +66,27 @@ class OfficialChunks(Stage):
             anchored = bos_id is not None and context[s] != bos_id
             spans.append(Span(s, min(e, s + c - 1) if anchored else e, anchored))
         return spans
+
+
+@CHUNKERS.register
+@dataclass(frozen=True)
+class OverlappingChunks(Stage):
+    """``overlap``: the fixed chunks, each reaching ``chunk_overlap`` tokens into its neighbours on
+    both sides (chunk_size + 2 * chunk_overlap tokens, and the anchor). A fact no longer than the
+    overlap that a fixed boundary would cut lies whole in one of the two chunks around the
+    boundary, so it is scored whole and kept whole; scoring and the kept rows grow by
+    (chunk_size + 2 * chunk_overlap) / chunk_size."""
+
+    name = "overlap"
+    chunk_size: int = 1024
+    chunk_overlap: int = 0  # tokens each chunk reaches into each neighbour
+
+    def problems(self):
+        out = at_least(self, 1, "chunk_size")
+        if self.chunk_overlap < 0:
+            out.append(f"chunk_overlap={self.chunk_overlap} must be >= 0")
+        return out
+
+    def __call__(self, prompt: LongContextPrompt, bos_id: int | None) -> list[Span]:
+        n, c, o = len(check_context(prompt.context)), self.chunk_size, self.chunk_overlap
+        return [Span(max(0, s - o), min(s + c + o, n), bos_id is not None) for s in range(0, n, c)]

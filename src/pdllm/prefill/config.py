@@ -30,6 +30,7 @@ class PipelineKnobs(Stage):
     cache_mode: str = "full_prompt_mask"  # the cache builder (stages.CACHE_BUILDERS): full_prompt_mask | chunk_query
     chunk_size: int = 1024  # context tokens per chunk (the chunkers read it; position_grid="chunk_size" too)
     chunk_bos: bool = True  # BOS anchor in front of every chunk
+    keep_margin: int = 0  # context tokens kept on each side of every selected chunk (merged where they meet)
     token_capacity: int | None = None  # rows kept per selected chunk (BOS included); None = all
     token_query_window: int = 8  # token sparsity scores with the last N query rows, all layers
     pool_kernel: int = 7  # max-pool width along tokens (SnapKV), for token sparsity as for scoring
@@ -43,6 +44,11 @@ class PipelineKnobs(Stage):
 
     def problems(self):
         out = at_least(self, 1, "chunk_size", "token_query_window", "pool_kernel", "score_batch")
+        if self.keep_margin < 0:
+            out.append(f"keep_margin={self.keep_margin} must be >= 0")
+        if self.keep_margin and self.positions == "absolute":
+            out.append("keep_margin needs positions='continuous' or 'reuse' (a widened chunk has no place of its "
+                       "own in the anchored context)")
         if self.token_capacity is not None and self.token_capacity < 1 + self.chunk_bos:
             out.append(f"token_capacity={self.token_capacity} must keep at least one token besides the BOS")
         return out

@@ -18,7 +18,7 @@ from pdllm.prefill.config import PrefillConfig
 from pdllm.prefill.layout import build_layout
 from pdllm.prefill.parallel import score_across_ranks, share_kept_kv
 from pdllm.prefill.record import PrefillRecord, model_shape
-from pdllm.prefill.selectors import sparsify_tokens
+from pdllm.prefill.selectors import sparsify_tokens, widen
 from pdllm.prefill.stages import Chunked
 from pdllm.sampler import Batch, generate, make_batch, synchronize
 from pdllm.tokenizer import LongContextPrompt
@@ -26,14 +26,18 @@ from pdllm.tokenizer import LongContextPrompt
 
 @dataclass
 class Selection:
-    """What the pipeline chose for a batch: per request its chunks (``Chunked``: spans and rows),
-    the scores, the kept chunks in document order, and the rows kept of each ({chunk: offsets})."""
+    """What the pipeline chose for a batch, per request: its chunks (``Chunked``: spans and rows),
+    their scores and the selector's choice; then what the decode keeps: the chunks (the selected
+    ones, or with ``keep_margin`` those widened and merged: ``kept_requests``, ``kept_selected``), the
+    rows kept of each ({chunk: offsets}), and their scoring K/V (encode once) or None."""
 
     requests: list[Chunked]
     scores: list[torch.Tensor]
     selected: list[list[int]]
+    kept_requests: list[Chunked]
+    kept_selected: list[list[int]]
     kept: list[dict[int, torch.Tensor]]
-    sink: KeptKV | None  # the scoring forward's K/V of the kept chunks (encode once), or None
+    sink: KeptKV | None
 
 
 @METHODS.register
@@ -49,7 +53,8 @@ class Prefill:
         self.graph: StepGraph | None = None
         self.stats: dict = {}
         self.spans: list = []  # per request: its chunks as spans of the context (for inspection and the eval)
-        self.selected: list[list[int]] = []  # per request: the kept chunks
+        self.selected: list[list[int]] = []  # per request: the selected chunks
+        self.kept_spans: list = []  # per request: the spans the decode reads (the selected, or widened: keep_margin)
         self.scores: list[torch.Tensor] = []
         self.chunk_lengths: list[list[int]] = []
         self.received: PrefillRecord | None = None  # a record to decode from instead of selecting (from_record)
@@ -63,7 +68,7 @@ class Prefill:
         bos = model.cfg.bos_id if cfg.chunk_bos else None
         if cfg.chunk_bos and bos is None:
             raise ValueError("chunk_bos=True but the model config has no bos_id; set it or pass chunk_bos=False")
-        requests = [Chunked.of(p, chunker(p.context, bos), bos) for p in prompts]  # 1. chunking
+        requests = [Chunked.of(p, chunker(p, bos), bos) for p in prompts]  # 1. chunking
         sink = None  # 2. scoring; with encode-once the best chunks' K/V is held as they stream by
         if builder.reads_scoring_kv() and scorer.provides_kv(model):
             sink = KeptKV(model, requests, [selector.held(len(r.spans)) for r in requests])
@@ -72,17 +77,22 @@ class Prefill:
         else:
             scores = scorer(model, requests, block_length, sink)
         selected = [selector(s, r) for s, r in zip(scores, requests)]  # 3. selection
+        kept_requests, kept_selected = requests, selected
+        if cfg.keep_margin:  # the neighbours' edges kept too: the decode's chunks are new spans
+            kept_requests = [widen(r, sel, cfg.keep_margin, bos) for r, sel in zip(requests, selected)]
+            kept_selected = [list(range(len(r.spans))) for r in kept_requests]
+            sink = None if sink is None else KeptKV(model, kept_requests, [0] * len(kept_requests))
+        elif sink is not None and cfg.chunk_parallel:
+            share_kept_kv(sink, requests, selected, owner)
         if sink is not None:
-            if cfg.chunk_parallel:
-                share_kept_kv(sink, requests, selected, owner)
-            self.encode_missing(model, scorer, sink, requests, selected, block_length)
+            self.encode_missing(model, scorer, sink, kept_requests, kept_selected, block_length)
         if cfg.token_capacity is None:  # 4. token sparsity
-            kept = [{i: torch.arange(len(r.chunks[i])) for i in sel} for r, sel in zip(requests, selected)]
+            kept = [{i: torch.arange(len(r.chunks[i])) for i in sel} for r, sel in zip(kept_requests, kept_selected)]
         else:
             slots = block_length if cfg.score_slots is None else cfg.score_slots  # the answer rows scoring reads
-            kept = sparsify_tokens(model, requests, selected, cfg.token_capacity, cfg.chunk_bos,
+            kept = sparsify_tokens(model, kept_requests, kept_selected, cfg.token_capacity, cfg.chunk_bos,
                                    cfg.token_query_window, slots, cfg.pool_kernel, cfg.score_batch)
-        return Selection(requests, scores, selected, kept, sink)
+        return Selection(requests, scores, selected, kept_requests, kept_selected, kept, sink)
 
     @staticmethod
     def encode_missing(model, scorer, sink: KeptKV, requests, selected, block_length: int):
@@ -110,14 +120,15 @@ class Prefill:
         sel = self.select(model, batch.prompts, gen.block_length)
         grid = cfg.chunk_size if cfg.position_grid == "chunk_size" else None  # 5. layout and cache build
         layouts = [build_layout(r.prompt, r.chunks, s, k, gen.gen_length, cfg.positions, model.cfg.mask_id, grid)
-                   for r, s, k in zip(sel.requests, sel.selected, sel.kept)]
+                   for r, s, k in zip(sel.kept_requests, sel.kept_selected, sel.kept)]
         synchronize(model.device)
         t1 = time.perf_counter()
         self.builder = cfg.stage("cache_mode")
-        self.pool = self.builder.build(model, sel.requests, layouts, sel.selected, sel.kept, sel.sink)
+        self.pool = self.builder.build(model, sel.kept_requests, layouts, sel.kept_selected, sel.kept, sel.sink)
         synchronize(model.device)
         self.gen_length = gen.gen_length
         self.spans = [r.spans for r in sel.requests]
+        self.kept_spans = [[r.spans[i] for i in s] for r, s in zip(sel.kept_requests, sel.kept_selected)]
         self.selected, self.scores = sel.selected, sel.scores
         self.chunk_lengths = [[len(c) for c in r.chunks] for r in sel.requests]
         self.positions_used = max(max(lay.positions) + 1 for lay in layouts)  # the sampler's trained-length check

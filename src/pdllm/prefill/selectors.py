@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdllm.prefill.scorers import ScoringJob, attention_token_scores
-from pdllm.prefill.stages import SELECTORS, Chunked, Stage
+from pdllm.prefill.stages import SELECTORS, Chunked, Span, Stage
 
 
 def score_order(scores: torch.Tensor) -> list[int]:
@@ -85,3 +85,21 @@ def sparsify_tokens(model, requests: list[Chunked], selected: list[list[int]], c
     for (b, i), s in zip(owner, token_scores):
         kept[b][i] = keep_tokens(s, capacity, anchored)
     return kept
+
+
+def widen(r: Chunked, selected: list[int], margin: int, bos_id: int | None) -> Chunked:
+    """The selected chunks with ``margin`` more context tokens on each side (clipped to the
+    context), merged where they then overlap or touch: the chunks the decode keeps. A fact that a
+    boundary cut, whose selected half is within ``margin`` tokens of its other half, is kept whole."""
+    n = len(r.prompt.context)
+    spans: list[Span] = []
+    for i in sorted(selected, key=lambda i: r.spans[i].start):
+        s = r.spans[i]
+        start, end = max(0, s.start - margin), min(n, s.end + margin)
+        if spans and start <= spans[-1].end:
+            last = spans.pop()
+            start, end, bos = last.start, max(end, last.end), last.bos or s.bos
+        else:
+            bos = s.bos
+        spans.append(Span(start, end, bos))
+    return Chunked.of(r.prompt, spans, bos_id)
