@@ -198,6 +198,21 @@ def test_vocabulary_path_on_a_sentencepiece_style_tokenizer():
     assert token_breaks(enc.ids, tk).tolist() == text_breaks(text, enc.offsets).tolist()
 
 
+@pytest.mark.parametrize("text", [PROSE, CHINESE + JAPANESE, CODE, NO_PUNCTUATION, HUGE_LINE])
+def test_long_context_prompt_breaks_are_the_context_offsets(llada_dir, text):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pdllm.tokenizer import Tokenizer
+
+    tk = HFTokenizer.from_file(str(llada_dir / "tokenizer.json"))
+    tk.add_tokens(["<|reserved_7|>"])  # a plain added token: encode falls back to its special path
+    tok = Tokenizer(tk, "llada")
+    for context in (text, "a <|reserved_7|> b. " + text + " <|eot_id|><|reserved_7|>\n\n"):
+        prompt = tok.long_context_prompt(context, "What is it?")
+        assert prompt.context == tok.encode(context) and len(prompt.breaks) == len(prompt.context)
+        assert prompt.breaks == token_breaks(prompt.context, tk).tolist()  # the offsets are those of these ids
+
+
 # ---------------------------------------------------------------------------------------------
 # Snapped spans
 # ---------------------------------------------------------------------------------------------
