@@ -203,9 +203,9 @@ def _byte_level_chars() -> dict[str, int]:
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = ByteLevel.alphabet()
-    own = sorted(ord(c) for c in alphabet if ord(c) < 256)
+    own = {ord(c) for c in alphabet if ord(c) < 256}
     moved = sorted(ord(c) for c in alphabet if ord(c) >= 256)
-    rest = [b for b in range(256) if b not in set(own)]
+    rest = [b for b in range(256) if b not in own]
     return {chr(b): b for b in own} | {chr(c): b for c, b in zip(moved, rest)}
 
 
