@@ -49,6 +49,9 @@ class LongContextPrompt:
     prefix: list[int]
     context: list[int]
     query: list[int]
+    # Per context token: the strength of a chunk cut after it (pdllm.boundaries: NONE .. PARAGRAPH);
+    # None where the context came as ids without its text (pdllm.boundaries.token_breaks rates those).
+    breaks: list[int] | None = None
 
     def token_ids(self) -> list[int]:
         return self.prefix + self.context + self.query
@@ -111,22 +114,35 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids: special-token strings in the text stay text (never a control id), nothing is added."""
+        return self._encode_with_offsets(text)[0]
+
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode``'s ids and each id's (start, end) character offsets in ``text``."""
         enc = self._text_tk.encode(text, add_special_tokens=False)
         if not self.control_ids.intersection(enc.ids):
-            return enc.ids
+            return enc.ids, enc.offsets
         # Some control token is still matched (an added token that is not marked special, or a vocabulary
         # entry named <|...|>): cut the text inside it, so that its characters are encoded on both sides.
-        out, rest = [], text
-        while True:  # enc is always the encoding of rest
-            bad = next((j for j, i in enumerate(enc.ids) if i in self.control_ids), None)
+        out, offsets, rest, base = [], [], text, 0
+
+        def take(ids, spans, shift):
+            out.extend(ids)
+            offsets.extend((s + shift, e + shift) for s, e in spans)
+
+        while True:  # enc is always the encoding of rest, which starts at text[base]
+            ids, spans = enc.ids, enc.offsets  # each access builds a new list: once per encoding
+            bad = next((j for j, i in enumerate(ids) if i in self.control_ids), None)
             if bad is None:
-                return out + enc.ids
-            start, end = enc.offsets[bad]
+                take(ids, spans, base)
+                return out, offsets
+            start, end = spans[bad]
             if end - start <= 1:
                 raise ValueError(f"the text {rest[start:end]!r} can only be encoded as a control token of this tokenizer")
-            out += [i for i, (_, e) in zip(enc.ids, enc.offsets) if e <= start]
-            out += self._text_tk.encode(rest[start], add_special_tokens=False).ids
-            rest = rest[start + 1:]
+            kept = [j for j, (_, e) in enumerate(spans) if e <= start]
+            take([ids[j] for j in kept], [spans[j] for j in kept], base)
+            one = self._text_tk.encode(rest[start], add_special_tokens=False)
+            take(one.ids, one.offsets, base + start)
+            rest, base = rest[start + 1:], base + start + 1
             enc = self._text_tk.encode(rest, add_special_tokens=False)
 
     def encode_template(self, text: str) -> list[int]:
@@ -174,7 +190,8 @@ class Tokenizer:
         ``instruction`` is the user-turn text before the context; ``question_template`` the text
         after it, with ``{question}`` filled in (both are template: their control-token strings
         count). ``context`` and ``question`` are plain text. The parts are tokenized separately so
-        that chunk boundaries never cut a token of the template.
+        that chunk boundaries never cut a token of the template. ``breaks`` rates a chunk cut after
+        each context token, from the context's text and its tokens' offsets.
         """
         if not context:
             raise ValueError("empty context: a long-context prompt needs a document to chunk")
@@ -184,8 +201,12 @@ class Tokenizer:
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         question_template = DEFAULT_QUESTION if question_template is None else question_template
         before, _, after = question_template.format(question="\x00").partition("\x00")
+        from pdllm.boundaries import text_breaks
+
+        ids, offsets = self._encode_with_offsets(context)
         return LongContextPrompt(
             prefix=self.encode_template(start + user_head + instruction),
-            context=self.encode(context),
+            context=ids,
             query=self._encode_parts([(before, True), (question, False), (after + turn_end, True)]),
+            breaks=text_breaks(context, offsets).tolist(),
         )
