@@ -128,6 +128,30 @@ def test_overlapping_chunks_reach_into_their_neighbours():
         PrefillConfig(chunking="overlap", chunk_overlap=-1)
 
 
+def test_snapped_chunks_cut_at_sentence_ends_and_fall_back_to_fixed_offsets_without_breaks(monkeypatch):
+    from pdllm import sampler
+    from pdllm.boundaries import SENTENCE
+
+    monkeypatch.setattr(sampler, "_warned", set())  # the warning is once per process
+    def cut(n, ends, window=5):
+        breaks = [0] * n
+        for t in ends:
+            breaks[t] = SENTENCE  # a sentence ends after token t: a cut at t + 1
+        chunker = PrefillConfig(chunk_size=16, chunking="snapped", snap_window=window).stage("chunking")
+        return [(s.start, s.end) for s in chunker(LongContextPrompt([], list(range(n)), [], breaks), 1)]
+
+    assert cut(40, [12, 29]) == [(0, 13), (13, 30), (30, 40)]  # each cut moved to the sentence end near it
+    assert cut(40, [3, 24]) == [(0, 16), (16, 32), (32, 40)]  # ends out of reach: the fixed offsets
+    assert cut(34, [12]) == [(0, 13), (13, 34)]  # a 2-token sliver at the end joins the chunk before it
+    assert cut(40, [12, 29], window=0) == [(0, 16), (16, 32), (32, 40)]
+    chunker = PrefillConfig(chunk_size=16, chunking="snapped").stage("chunking")
+    with pytest.warns(UserWarning, match="no breaks"):
+        fixed = chunker(LongContextPrompt([], list(range(40)), []), 1)
+    assert [(s.start, s.end) for s in fixed] == [(0, 16), (16, 32), (32, 40)]
+    with pytest.raises(ValueError, match="snap_window=8"):
+        PrefillConfig(chunk_size=16, chunking="snapped", snap_window=8)
+
+
 def test_keep_margin_widens_the_selected_chunks_and_merges_those_that_meet(llada):
     from pdllm.prefill.selectors import widen
 

@@ -343,13 +343,5 @@ def snapped_spans(n_tokens: int, chunk_size: int, strengths, window: int,
     return spans
 
 
-def spans_overlapping(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Indices of the spans that the token range [start, end) overlaps (a range in two or more spans
-    is cut by a chunk boundary). ``spans``: contiguous, as :func:`snapped_spans` returns them."""
-    if end <= start:
-        raise ValueError(f"empty token range [{start}, {end})")
-    return [i for i, (b, e) in enumerate(spans) if b < end and start < e]
-
-
 __all__ = ["NONE", "WORD", "CLAUSE", "SENTENCE", "LINE", "PARAGRAPH", "STRENGTH_NAMES", "char_breaks", "text_breaks",
-           "token_bytes", "token_breaks", "snapped_spans", "spans_overlapping"]
+           "token_bytes", "token_breaks", "snapped_spans"]

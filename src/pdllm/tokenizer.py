@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdllm.boundaries import text_breaks
 from pdllm.model import CheckpointError, checkpoint_file, read_checkpoint_json
 
 # Chat templates: (conversation start, user turn, end of turn + assistant header).
@@ -201,8 +202,6 @@ class Tokenizer:
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         question_template = DEFAULT_QUESTION if question_template is None else question_template
         before, _, after = question_template.format(question="\x00").partition("\x00")
-        from pdllm.boundaries import text_breaks
-
         ids, offsets = self._encode_with_offsets(context)
         return LongContextPrompt(
             prefix=self.encode_template(start + user_head + instruction),

@@ -308,7 +308,12 @@ def _assemble(
         j = needle_at[i]
         rest = n_tok - counts[j]
         depths.append(starts[j] / rest if rest > 0 else 0.0)
-    span = (starts[needle_at[0]], starts[needle_at[0] + 1])
+    j = needle_at[0]
+    lead = 0  # the needle starts after its separator's own tokens: a cut there cuts nothing of it
+    if enc.tokenizer is not None:
+        while lead < counts[j] - 1 and not enc.tokenizer.decode(piece_ids[j][lead : lead + 1]).strip():
+            lead += 1
+    span = (starts[j] + lead, starts[j + 1])
     return text, ids, n_tok, depths, span
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdllm.boundaries import snapped_spans
 from pdllm.prefill.stages import CHUNKERS, Span, Stage, at_least
+from pdllm.sampler import warn_once
 from pdllm.tokenizer import LongContextPrompt
 
 
@@ -90,3 +92,41 @@ class OverlappingChunks(Stage):
     def __call__(self, prompt: LongContextPrompt, bos_id: int | None) -> list[Span]:
         n, c, o = len(check_context(prompt.context)), self.chunk_size, self.chunk_overlap
         return [Span(max(0, s - o), min(s + c + o, n), bos_id is not None) for s in range(0, n, c)]
+
+
+@CHUNKERS.register
+@dataclass(frozen=True)
+class SnappedChunks(Stage):
+    """``snapped``: structure-aware boundaries. Each fixed cut k * chunk_size moves to the strongest
+    break (paragraph, line, sentence, clause, word: pdllm.boundaries) within ``snap_window`` tokens
+    of it, so a sentence is rarely cut in two; a last piece shorter than the window joins the chunk
+    before it. No chunk is empty, none is longer than chunk_size + 2 * snap_window, and the scoring
+    cost is the fixed chunks'. The breaks come from the prompt (``LongContextPrompt.breaks``, which
+    Tokenizer.long_context_prompt rates from the text); a prompt without them is cut at the fixed
+    offsets, with a warning."""
+
+    name = "snapped"
+    chunk_size: int = 1024
+    snap_window: int | None = None  # tokens a cut may move either way; None: a quarter of chunk_size
+
+    def problems(self):
+        out = at_least(self, 1, "chunk_size")
+        if self.snap_window is not None and not 0 <= 2 * self.snap_window < self.chunk_size:
+            out.append(f"snap_window={self.snap_window} must be >= 0 and below half of chunk_size={self.chunk_size} "
+                       "(neighbouring cuts' windows may not overlap)")
+        return out
+
+    def window(self) -> int:
+        return (self.chunk_size - 1) // 4 if self.snap_window is None else self.snap_window
+
+    def __call__(self, prompt: LongContextPrompt, bos_id: int | None) -> list[Span]:
+        n, w = len(check_context(prompt.context)), self.window()
+        breaks = prompt.breaks
+        if breaks is None:
+            warn_once("snapped-no-breaks", "chunking='snapped': the prompt carries no breaks (build it with "
+                      "Tokenizer.long_context_prompt, which rates them from the text); cutting at fixed offsets")
+            breaks, w = [0] * n, 0
+        cuts = snapped_spans(n, self.chunk_size, breaks, w)
+        if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] < w:  # a sliver at the end: the cut before it would
+            cuts[-2:] = [(cuts[-2][0], n)]  # have to fall inside whatever it holds
+        return [Span(a, b, bos_id is not None) for a, b in cuts]
