@@ -14,7 +14,10 @@ one GEMM, 0.08 for the block's update) sit above those with margin and far below
 scale, a transposed operand or a lost row would give (>= 1).
 """
 
+import importlib.util
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +195,22 @@ def test_block_backends_choose_eager_or_compiled():
     assert fp8_block_halves("auto", cpu) == fp8_block_halves("eager", cuda) == (fp8_attention_inputs, fp8_block_output)
     with pytest.raises(ValueError, match="unknown block backend 'fused'"):
         fp8_block_halves("fused", cpu)
+
+
+@cpu_scaled_mm
+def test_benchmark_smoke_run_writes_its_json(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fp8.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "fp8.json"
+    bench.main(["--smoke", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["environment"]["torch"] == torch.__version__
+    for row in report["rows"]:
+        assert set(bench.VARIANTS) <= set(row["ms"]) and all(v > 0 for v in row["ms"].values())
+        assert row["fp8_halves_over_bf16_halves"] > 0 and row["fp8_halves_linear_tflops"] > 0
+        assert row["error_vs_fp32"]["fp8_halves"]["q"] <= ONE_GEMM_BOUND
 
 
 # ---- GPU: the compiled halves, the fused kernels ------------------------------------------------
