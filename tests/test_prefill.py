@@ -601,3 +601,45 @@ def test_a_method_object_can_be_reused(llada, name, knobs):
     assert torch.equal(again.tokens, generate(llada, [second], gc, method=make_method(name, **knobs)).tokens)
     if name == "prefill":
         assert len(method.selected) == 1
+
+
+# ---- cascaded and FP8 scoring ----------------------------------------------------------------------
+
+
+def test_cascade_drops_chunks_early_and_ranks_the_survivors_at_full_depth(llada):
+    prompt = request_of(llada, 45)  # 6 chunks of 8
+    full = attention_scores(llada, prompt, 8, score_layers=1)
+    keep_all = attention_scores(llada, prompt, 8, score_layers=1, score="cascade", cascade="1:1.0", cascade_min=2,
+                                top_k=2)
+    assert_close(keep_all, full, torch.float32)  # an exit that keeps every chunk is full-depth scoring
+    early = attention_scores(llada, prompt, 8, score_layers=1, score_depth=1)  # what the exit after layer 1 reads
+    cascade = attention_scores(llada, prompt, 8, score_layers=1, score="cascade", cascade="1:0.5", cascade_min=2,
+                               top_k=2)
+    survivors = select_chunks(early, 3)  # half of 6 survive the exit
+    assert torch.isinf(cascade).sum() == 3 and sorted(torch.isfinite(cascade).nonzero().flatten().tolist()) == survivors
+    assert_close(cascade[survivors], full[survivors], torch.float32)
+    with pytest.raises(ValueError, match="cascade_min=2 must be >= top_k=4"):
+        PrefillConfig(score="cascade", cascade="1:0.5", cascade_min=2)
+    with pytest.raises(ValueError, match="increasing"):
+        PrefillConfig(score="cascade", cascade="2:0.5,1:0.5")
+    with pytest.raises(ValueError, match="not below the model's depth"):
+        attention_scores(llada, prompt, 8, score="cascade", cascade="2:0.5")
+    gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
+    out = generate(llada, [prompt], gc, method="prefill", chunk_size=8, top_k=2, score="cascade", cascade="1:0.5",
+                   cascade_min=2, cache_mode="chunk_query")
+    assert out.stats["encode_once"] and (out.tokens != llada.cfg.mask_id).all()  # the kept chunks encoded again
+
+
+def test_fp8_scoring_ranks_as_bf16_does_and_keeps_no_kv(llada):
+    from pdllm import fp8
+
+    if not fp8.supported(llada.device):
+        pytest.skip("this torch has no row-wise FP8 _scaled_mm on this device")
+    prompt = request_of(llada, 45)
+    with torch.no_grad():
+        exact, approx = attention_scores(llada, prompt, 8), attention_scores(llada, prompt, 8, score_fp8=True)
+    # e4m3 rounds each GEMM input to 2^-4 per element (~4% on a dot product), four GEMMs a block, two
+    # blocks of a deliberately large-weighted model: the scores move by about a tenth, not more
+    assert (approx - exact).norm() / exact.norm() < 0.2 and not torch.equal(approx, exact)
+    assert not PrefillConfig(score_fp8=True).stage("score").provides_kv(llada)
+    assert fp8.model_weights(llada) is fp8.model_weights(llada)  # quantized once per model

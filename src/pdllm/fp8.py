@@ -42,6 +42,7 @@ GPU (any float dtype on a CPU whose torch has row-wise scales there: ``supported
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,11 @@ class Fp8Weights:
 
     layers: list[Fp8Layer]
 
+    @staticmethod
+    def halves(block_backend: str, device):
+        """The block halves that take these weights (pdllm.model.Block.forward's ``linears``)."""
+        return fp8_block_halves(block_backend, device)
+
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for layer in self.layers for w in (layer.wqkv, layer.wo, layer.gate_up, layer.down))
@@ -128,6 +134,19 @@ def quantize_model(model) -> Fp8Weights:
     return Fp8Weights([Fp8Layer(quantize_weight(b.attn.wqkv.weight), quantize_weight(b.attn.o.weight),
                                 quantize_weight(b.mlp.gate_up.weight), quantize_weight(b.mlp.down.weight))
                        for b in model.blocks])
+
+
+_QUANTIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_weights(model) -> Fp8Weights:
+    """The model's FP8 copy, quantized once per model (the first FP8 scoring forward pays it)."""
+    if model not in _QUANTIZED:
+        if not supported(model.device):
+            raise ValueError(f"FP8 scoring (score_fp8=True) needs torch._scaled_mm with row-wise scales, which this "
+                             f"torch ({torch.__version__}) has not on {model.device}; set score_fp8=False")
+        _QUANTIZED[model] = quantize_model(model)
+    return _QUANTIZED[model]
 
 
 _SUPPORTED: dict = {}
@@ -254,5 +273,5 @@ def fp8_block_halves(block_backend: str, device: torch.device):
 
 
 __all__ = ["E4M3", "E4M3_MAX", "Fp8Weight", "Fp8Layer", "Fp8Weights", "quantize_rows", "quantize_weight",
-           "quantize_model", "rms_norm_fp8", "silu_mul_fp8", "heads_fp8", "fp8_linear", "fp8_attention_inputs",
+           "quantize_model", "model_weights", "rms_norm_fp8", "silu_mul_fp8", "heads_fp8", "fp8_linear", "fp8_attention_inputs",
            "fp8_block_output", "compiled_halves", "fp8_block_halves", "supported"]

@@ -314,14 +314,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa", block_backend="eager"):
-        first, second = _block_halves(block_backend, x.device)
+    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa", block_backend="eager", linears=None):
+        """``linears``: another copy of the four matrices with the halves that take them (pdllm.fp8's
+        Fp8Weights: ``halves(block_backend, device)`` and ``layers[layer]``), or None for the module's own."""
         a = self.attn
-        q, k, v = first(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias, *rope,
-                        a.n_heads, a.n_kv_heads)
+        if linears is None:
+            first, second = _block_halves(block_backend, x.device)
+            w_qkv, w_o, w_gate_up, w_down = a.wqkv.weight, a.o.weight, self.mlp.gate_up.weight, self.mlp.down.weight
+        else:
+            first, second = linears.halves(block_backend, x.device)
+            mine = linears.layers[layer]
+            w_qkv, w_o, w_gate_up, w_down = mine.wqkv, mine.wo, mine.gate_up, mine.down
+        q, k, v = first(x, self.attn_norm.weight, self.attn_norm.eps, w_qkv, a.wqkv.bias, *rope, a.n_heads, a.n_kv_heads)
         y = attend(q, k, v, mask, cache, layer, backend)
-        return second(x, y, a.o.weight, self.mlp_norm.weight, self.mlp_norm.eps, self.mlp.gate_up.weight,
-                      self.mlp.down.weight)
+        return second(x, y, w_o, self.mlp_norm.weight, self.mlp_norm.eps, w_gate_up, w_down)
 
 
 _COMPILED: dict = {}
@@ -401,7 +407,7 @@ class Transformer(nn.Module):
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
 
     def forward(self, idx, pos, mask=None, cache=None, logits_slice: slice | None = None, return_hidden=False,
-                stop_after: int | None = None):
+                stop_after: int | None = None, linears=None):
         """idx, pos (B, T) -> logits (B, T', V) for the positions in logits_slice (default all).
 
         mask:  bool, broadcastable to (B, H, T, Tk), True = may attend. Tk is T without a cache,
@@ -409,21 +415,28 @@ class Transformer(nn.Module):
         cache: an object with attend(layer, q, k, v, mask, backend) (see pdllm.cache).
         stop_after: run only the first N blocks and return their output (B, T, C), before the final
                norm and head: early-exit scoring reads the attention of those layers and needs no more.
+        linears: the blocks' matrices in another form (pdllm.fp8.Fp8Weights: the scoring forward's
+               FP8 linear layers); None: the model's own.
         """
         if idx.shape != pos.shape:
             raise ValueError(f"idx {tuple(idx.shape)} and pos {tuple(pos.shape)} must have the same (B, T) shape")
         if stop_after is not None and not 1 <= stop_after <= self.cfg.n_layers:
             raise ValueError(f"stop_after={stop_after} must be in [1, n_layers={self.cfg.n_layers}]")
-        x = self.tok_emb(idx)  # (B, T, C)
-        rope = self.rope(pos)
-        for i, block in enumerate(self.blocks[:stop_after]):
-            x = block(x, rope, mask, cache, i, self.attention_backend, self.block_backend)
+        x = self.run_layers(self.tok_emb(idx), pos, 0, stop_after or self.cfg.n_layers, mask, cache, linears)
         if stop_after is not None:
             return x
         if logits_slice is not None:
             x = x[:, logits_slice]
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T', V)
+
+    def run_layers(self, x, pos, start: int, stop: int, mask=None, cache=None, linears=None):
+        """Blocks [start, stop) on the residual stream x (B, T, C) of tokens at positions pos: a
+        forward in stages (cascaded scoring runs every chunk to one layer, the best further)."""
+        rope = self.rope(pos)
+        for i in range(start, stop):
+            x = self.blocks[i](x, rope, mask, cache, i, self.attention_backend, self.block_backend, linears)
+        return x
 
     @property
     def device(self):

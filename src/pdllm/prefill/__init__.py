@@ -32,7 +32,7 @@ scoring (parallel.py) and prefill-decode disaggregation (record.py, ``run_prefil
 ``decode_record``).
 """
 
-from pdllm.prefill import cache_build, chunkers, draft, scorers, selectors  # noqa: F401  (register the stages)
+from pdllm.prefill import cache_build, cascade, chunkers, draft, scorers, selectors  # noqa: F401  (register the stages)
 from pdllm.prefill.config import PrefillConfig
 from pdllm.prefill.layout import Layout, build_layout
 from pdllm.prefill.method import Prefill, decode_record, run_prefill

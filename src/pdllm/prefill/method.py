@@ -102,7 +102,7 @@ class Prefill:
         if not any(m.ids for m in missing):
             return
         extra = KeptKV(model, requests, [len(m.ids) for m in missing])
-        scorer(model, missing, block_length, extra)
+        scorer.encode(model, missing, block_length, extra)  # a scorer that provides K/V says how
         for b, m in enumerate(missing):
             for i in m.ids:
                 sink.put(b, i, *extra.kv(b, i))

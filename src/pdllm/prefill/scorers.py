@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdllm import fp8
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
 from pdllm.prefill.stages import SCORERS, Chunked, Stage, at_least
 
@@ -98,7 +99,8 @@ class ScoringJob:
         return len(self.prefix), len(self.chunk), len(self.rows)
 
 
-def scored_batches(model, jobs: list[ScoringJob], layers, pool_kernel: int, batch_size: int, keep_kv: bool = False):
+def scored_batches(model, jobs: list[ScoringJob], layers, pool_kernel: int, batch_size: int, keep_kv: bool = False,
+                   linears=None):
     """Run the jobs' forwards batch_size at a time, grouped by shape, whichever request they come
     from; yield (job ids, pooled attention (n, L_chunk) mean over ``layers``, probe).
 
@@ -111,7 +113,7 @@ def scored_batches(model, jobs: list[ScoringJob], layers, pool_kernel: int, batc
         idx = torch.tensor([jobs[i].prefix + jobs[i].chunk + jobs[i].rows for i in ids], device=dev)
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)
         probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), pool_kernel, keep_kv)
-        model(idx, pos, cache=probe, stop_after=max(layers) + 1)
+        model(idx, pos, cache=probe, stop_after=max(layers) + 1, linears=linears)
         yield ids, torch.stack(probe.token_scores).float().mean(dim=0), probe
 
 
@@ -139,6 +141,7 @@ class AttentionScorer(Stage):
     score_slots: int | None = None  # [MASK] answer slots scored with the query; None: the block length
     score_batch: int = 8  # chunks per scoring forward
     pool_kernel: int = 7  # max-pool width along tokens (SnapKV)
+    score_fp8: bool = False  # the scoring forward's linear layers in FP8 (pdllm.fp8; attention stays bf16)
 
     def problems(self):
         out = at_least(self, 1, "score_layers", "score_batch", "pool_kernel")
@@ -156,8 +159,18 @@ class AttentionScorer(Stage):
         return L if self.score_depth is None else self.score_depth
 
     def provides_kv(self, model) -> bool:
-        """Every layer runs, so every layer's K/V of each chunk can be kept (an early exit has none for the rest)."""
-        return self.depth(model) == model.cfg.n_layers
+        """Every layer runs, so every layer's K/V of each chunk can be kept (an early exit has none for
+        the rest), and in the decode's precision (FP8 linear layers give other K/V)."""
+        return self.depth(model) == model.cfg.n_layers and not self.score_fp8
+
+    def linears(self, model):
+        """The scoring forward's linear layers: the FP8 copy (``score_fp8``), or None for the model's."""
+        return fp8.model_weights(model) if self.score_fp8 else None
+
+    def encode(self, model, requests: list[Chunked], block_length: int, sink) -> None:
+        """The full-depth scoring forward of these chunks, for their K/V (encode once, for kept
+        chunks the sink did not hold): the K/V the scoring forward gives."""
+        AttentionScorer.__call__(self, model, requests, block_length, sink)
 
     def slots(self, block_length: int) -> int:
         return block_length if self.score_slots is None else self.score_slots
@@ -173,7 +186,7 @@ class AttentionScorer(Stage):
             owner += [(b, i) for i in range(len(r.chunks))]
         scores = [torch.empty(len(r.chunks)) for r in requests]
         for ids, per_token, probe in scored_batches(model, jobs, layers, self.pool_kernel, self.score_batch,
-                                                    sink is not None):
+                                                    sink is not None, self.linears(model)):
             chunk_scores = per_token.mean(dim=1).cpu()
             for row, j in enumerate(ids):
                 b, i = owner[j]
