@@ -641,5 +641,20 @@ def test_fp8_scoring_ranks_as_bf16_does_and_keeps_no_kv(llada):
     # e4m3 rounds each GEMM input to 2^-4 per element (~4% on a dot product), four GEMMs a block, two
     # blocks of a deliberately large-weighted model: the scores move by about a tenth, not more
     assert (approx - exact).norm() / exact.norm() < 0.2 and not torch.equal(approx, exact)
-    assert not PrefillConfig(score_fp8=True).stage("score").provides_kv(llada)
     assert fp8.model_weights(llada) is fp8.model_weights(llada)  # quantized once per model
+    # encode once: the kept chunks' K/V is in the model's precision, from their bf16 scoring forward
+    gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
+    knobs = dict(chunk_size=8, top_k=2, cache_mode="chunk_query", positions="reuse")  # every chunk at P: K comparable
+    fast, exact = Prefill(**knobs, score_fp8=True), Prefill(**knobs)
+    generate(llada, [prompt], gc, method=fast)
+    generate(llada, [prompt], gc, method=exact)
+    assert fast.stats["encode_once"]
+    both = sorted(set(fast.selected[0]) & set(exact.selected[0]))
+    assert both  # the scores are close: the selections share a chunk
+
+    def kv_rows(m, i):
+        s, e = m.pool.layouts[0].chunk_spans[m.selected[0].index(i)]
+        return m.pool.cache.k[:, :, m.pool.rows[0][s:e]]
+
+    for i in both:
+        assert_close(kv_rows(fast, i), kv_rows(exact, i), torch.float32)

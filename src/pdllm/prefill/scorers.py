@@ -160,23 +160,28 @@ class AttentionScorer(Stage):
 
     def provides_kv(self, model) -> bool:
         """Every layer runs, so every layer's K/V of each chunk can be kept (an early exit has none for
-        the rest), and in the decode's precision (FP8 linear layers give other K/V)."""
-        return self.depth(model) == model.cfg.n_layers and not self.score_fp8
+        the rest). With FP8 linear layers the scoring forward's K/V is not the decode's: none is offered
+        while scoring, and the kept chunks are encoded again in the model's precision (``encode``)."""
+        return self.depth(model) == model.cfg.n_layers
 
     def linears(self, model):
         """The scoring forward's linear layers: the FP8 copy (``score_fp8``), or None for the model's."""
         return fp8.model_weights(model) if self.score_fp8 else None
 
     def encode(self, model, requests: list[Chunked], block_length: int, sink) -> None:
-        """The full-depth scoring forward of these chunks, for their K/V (encode once, for kept
-        chunks the sink did not hold): the K/V the scoring forward gives."""
-        AttentionScorer.__call__(self, model, requests, block_length, sink)
+        """The full-depth scoring forward of these chunks in the model's own precision, for their
+        K/V (encode once, for kept chunks the sink did not hold): the K/V it gives the decode."""
+        self.score(model, requests, block_length, sink, linears=None)
 
     def slots(self, block_length: int) -> int:
         return block_length if self.score_slots is None else self.score_slots
 
     def __call__(self, model, requests: list[Chunked], block_length: int, sink=None) -> list[torch.Tensor]:
         """(n_chunks,) fp32 per request; ``sink.offer`` takes each chunk's K/V as it is scored."""
+        linears = self.linears(model)
+        return self.score(model, requests, block_length, None if linears is not None else sink, linears)
+
+    def score(self, model, requests: list[Chunked], block_length: int, sink, linears) -> list[torch.Tensor]:
         depth = self.depth(model)
         layers = range(max(0, depth - self.score_layers), depth)
         rows_after = [model.cfg.mask_id] * self.slots(block_length)
@@ -186,7 +191,7 @@ class AttentionScorer(Stage):
             owner += [(b, i) for i in range(len(r.chunks))]
         scores = [torch.empty(len(r.chunks)) for r in requests]
         for ids, per_token, probe in scored_batches(model, jobs, layers, self.pool_kernel, self.score_batch,
-                                                    sink is not None, self.linears(model)):
+                                                    sink is not None, linears):
             chunk_scores = per_token.mean(dim=1).cpu()
             for row, j in enumerate(ids):
                 b, i = owner[j]
