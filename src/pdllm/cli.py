@@ -259,7 +259,9 @@ def build_parser() -> ArgumentParser:
     for name, module, help_ in (("train-toy", "pdllm.train_toy", "train the small embedded model"),
                                 ("tune", "pdllm.autotune.tune", "autotune the Triton kernels for this GPU"),
                                 ("demo", "pdllm.demo", "long-context questions answered by each method"),
-                                ("eval", "pdllm.eval.harness", "accuracy grids, ablations, LongBench/InfiniteBench")):
+                                ("eval", "pdllm.eval.harness", "accuracy grids, ablations, LongBench/InfiniteBench"),
+                                ("calibrate", "pdllm.calibrate", "the cheapest scoring setting that selects as full "
+                                                                 "depth does, on this checkpoint")):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.set_defaults(func=None, module=module)
     return parser
