@@ -198,7 +198,7 @@ def test_prefill_knobs_are_checked_before_the_model_loads(llada_dir, tmp_path, c
     base = ["generate", "--model", str(llada_dir), "--context-file", str(ctx), "--question", "q", "--method", "prefill"]
     fails(capsys, base + ["--top-k", "0"], "top_k=0 must be >= 1")
     fails(capsys, base + ["--score-depth", "0"], "score_depth=0 must be >= 1")
-    fails(capsys, base + ["--score", "magic"], "argument --score: invalid choice 'magic' (choose from attention, draft)")
+    fails(capsys, base + ["--score", "magic"], "argument --score: invalid choice 'magic' (choose from attention, cascade, draft)")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")

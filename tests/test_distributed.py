@@ -128,9 +128,9 @@ def without_timings(report):
 def test_data_parallel_eval_under_torchrun_writes_the_json_of_one_process(tmp_path):
     from pdllm.eval.harness import main as eval_main
 
-    # the embedded toy model on kv_lookup at 256 tokens: it answers some and misses some (a mixed JSON)
-    args = ["--lengths", "256", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
-            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "2"]
+    # the embedded toy model on kv_lookup at 512 tokens, one chunk kept: it answers some and misses some
+    args = ["--lengths", "512", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
+            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "1"]
     assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
     # "--": torchrun's own parser would take --n for an abbreviation of one of its flags
     job = torchrun(["-m", "pdllm.cli", "--", "eval", *args, "--out", tmp_path / "two"])

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from pdllm.boundaries import snapped_spans
 from pdllm.prefill.stages import CHUNKERS, Span, Stage, at_least
-from pdllm.sampler import warn_once
 from pdllm.tokenizer import LongContextPrompt
 
 
@@ -102,8 +101,9 @@ class SnappedChunks(Stage):
     of it, so a sentence is rarely cut in two; a last piece shorter than the window joins the chunk
     before it. No chunk is empty, none is longer than chunk_size + 2 * snap_window, and the scoring
     cost is the fixed chunks'. The breaks come from the prompt (``LongContextPrompt.breaks``, which
-    Tokenizer.long_context_prompt rates from the text); a prompt without them is cut at the fixed
-    offsets, with a warning."""
+    Tokenizer.long_context_prompt rates from the text); a prompt built from ids alone has none and
+    is cut at the fixed offsets, as ``bos_added`` cuts it (pdllm.boundaries.token_breaks rates ids
+    with their tokenizer)."""
 
     name = "snapped"
     chunk_size: int = 1024
@@ -123,8 +123,6 @@ class SnappedChunks(Stage):
         n, w = len(check_context(prompt.context)), self.window()
         breaks = prompt.breaks
         if breaks is None:
-            warn_once("snapped-no-breaks", "chunking='snapped': the prompt carries no breaks (build it with "
-                      "Tokenizer.long_context_prompt, which rates them from the text); cutting at fixed offsets")
             breaks, w = [0] * n, 0
         cuts = snapped_spans(n, self.chunk_size, breaks, w)
         if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] < w:  # a sliver at the end: the cut before it would
