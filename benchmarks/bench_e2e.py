@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdllm import fp8
 from pdllm.environment import environment
 from pdllm.model import BLOCK_BACKENDS, ModelConfig, build_random
 
@@ -46,10 +47,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ceilings import copy_gbps, gemm_floor, graph_time_ms, matmul_tflops  # noqa: E402
 
 LLADA_8B = ModelConfig()  # ModelConfig's defaults are LLaDA-8B's shape and special tokens
+PREFILL = dict(top_k=4, chunk_size=1024)
+# Cascade schedules as (fraction of the depth, fraction kept): the 8B model's exit layers and the toy
+# model's (topk_agreement) are the same fractions of their depths.
+QUARTERS = ((0.25, 0.5), (0.5, 0.5), (0.75, 0.5))
 METHODS = {
     "vanilla": ("vanilla", {}),
     "dual": ("dual", {}),
-    "prefill-attention": ("prefill", dict(score="attention", top_k=4, chunk_size=1024)),
+    "prefill-attention": ("prefill", dict(score="attention", chunking="bos_added", **PREFILL)),  # fixed chunks
+    "prefill-snapped": ("prefill", dict(score="attention", chunking="snapped", **PREFILL)),  # structure-aware
+    "prefill-fp8": ("prefill", dict(score="attention", score_fp8=True, **PREFILL)),
+    "prefill-cascade-fp8": ("prefill", dict(score="cascade", cascade=((0.75, 0.5),), score_fp8=True, **PREFILL)),
+    "prefill-quarters-fp8": ("prefill", dict(score="cascade", cascade=QUARTERS, score_fp8=True, **PREFILL)),
     "prefill-draft": ("prefill", dict(score="draft", top_k=4, chunk_size=1024)),
     "dllm_cache": ("dllm_cache", {}),  # K_p=100, K_r=8, rho=0.25: cost follows the recomputed fraction
     "dyllm": ("dyllm", {}),  # num_full_steps=4, tau=0.99
@@ -57,20 +66,39 @@ METHODS = {
 
 
 def make_request(context_tokens: int, question_tokens: int = 64, prefix_tokens: int = 32, seed: int = 0):
+    """Random token ids, with the breaks of prose (a sentence end every 8-30 tokens, a paragraph every
+    few hundred) for structure-aware chunking to snap to."""
+    from pdllm.boundaries import PARAGRAPH, SENTENCE
     from pdllm.tokenizer import LongContextPrompt
 
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(1000, 100000, (n,), generator=g).tolist()  # noqa: E731
+    ends = torch.randint(8, 31, (context_tokens // 8 + 1,), generator=g).cumsum(0)
+    breaks = torch.zeros(context_tokens, dtype=torch.int8)
+    breaks[ends[ends < context_tokens]] = SENTENCE
+    breaks[ends[ends < context_tokens][::12]] = PARAGRAPH
     return LongContextPrompt(prefix=[LLADA_8B.bos_id] + ids(prefix_tokens - 1), context=ids(context_tokens),
-                             query=ids(question_tokens))
+                             query=ids(question_tokens), breaks=breaks.tolist())
 
 
-def run_one(model, request, method: str, steps: int = 32) -> dict:
-    """One request (or a list of requests: one batch) through one method, timed."""
+def knobs_for(kwargs: dict, n_layers: int) -> dict:
+    """A method's knobs for a model of n_layers: a cascade given as depth fractions becomes exit layers."""
+    if isinstance(kwargs.get("cascade"), tuple):
+        exits = ",".join(f"{max(1, round(f * n_layers))}:{keep}" for f, keep in kwargs["cascade"])
+        return {**kwargs, "cascade": exits}
+    return kwargs
+
+
+def run_one(model, request, method: str, steps: int = 32, extrapolate: bool = False) -> dict:
+    """One request (or a list of requests: one batch) through one method, timed. ``extrapolate``: run
+    4 of the 32 steps and count the other steady steps at the median of those measured (every step
+    after the first two is the same forward), for methods whose 32 steps take tens of seconds."""
     from pdllm.sampler import GenerationConfig, generate
 
     name, kwargs = METHODS[method]
-    config = GenerationConfig(gen_length=32, block_length=32, steps=steps)
+    kwargs = knobs_for(kwargs, model.cfg.n_layers)
+    timed_steps = 4 if extrapolate else steps
+    config = GenerationConfig(gen_length=32, block_length=32, steps=timed_steps)
     gc.collect()  # whatever an earlier run left in reference cycles must not count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -86,11 +114,52 @@ def run_one(model, request, method: str, steps: int = 32) -> dict:
     row.update(refresh_step_ms=model_ms[0], capture_step_ms=model_ms[1] if len(model_ms) > 1 else None,
                steady_step_ms=statistics.median(model_ms[2:]) if len(model_ms) > 2 else None,
                sampler_ms_per_step=statistics.median(sampler_ms))
+    if extrapolate:  # the 28 steady steps not run, at the median of the two that were
+        more = (steps - timed_steps) * (row["steady_step_ms"] + row["sampler_ms_per_step"]) / 1e3
+        row.update(total_s=row["total_s"] + more, decode_s=row["decode_s"] + more, nfe=steps,
+                   extrapolated_from_steps=timed_steps)
+        row["step_ms"] = 1e3 * row["decode_s"] / steps
+        row["output_tokens_per_s"] = len(batch) * config.gen_length / row["total_s"]
     if name == "prefill":
         row.update(selected=s["selected"][0], n_chunks=s["chunks"][0], kv_rows=s["kv_rows"][0])
     if "recomputed_fraction" in s:  # dLLM-Cache / DyLLM: their cost depends on it
         row["recomputed_fraction"] = s["recomputed_fraction"]
     return row
+
+
+# ---- the quality of a fast setting: its selection against full-depth selection, on the toy model ---
+
+AGREEMENT_REQUESTS, AGREEMENT_LENGTH = 210, 2048  # 70 per task at the toy model's trained length
+
+
+def topk_agreement(kwargs: dict, cache: dict) -> float:
+    """Top-K agreement of a prefill setting's selection with full-depth selection in the model's
+    precision (bf16 on a GPU), same chunking, on the embedded toy model (its 128-token chunks, top-4,
+    synthetic needle questions at random depths): what a speed figure of this setting costs in
+    selection quality. ``cache`` keeps the toy model, the requests and the references between calls."""
+    from pdllm.calibrate import TASKS, agreement, select
+    from pdllm.data.synthetic import make_examples
+    from pdllm.loading import EMBEDDED_MODEL, load_model
+    from pdllm.prefill import Chunked, PrefillConfig
+
+    if "model" not in cache:
+        cache["model"], cache["tok"] = load_model(EMBEDDED_MODEL, "cuda")
+        tok, per_task = cache["tok"], AGREEMENT_REQUESTS // len(TASKS)
+        examples = [e for t in TASKS for e in make_examples(t, per_task, AGREEMENT_LENGTH, seed="agreement",
+                                                              tokenizer=tok.tk)]
+        cache["prompts"] = [tok.long_context_prompt(e.context, e.question) for e in examples]
+    model = cache["model"]
+    knobs = {**knobs_for(kwargs, model.cfg.n_layers), "chunk_size": 128, "score_batch": 64}
+    reference_knobs = {k: v for k, v in knobs.items() if k not in ("score", "cascade", "score_fp8", "score_depth")}
+    key = json.dumps(reference_knobs, sort_keys=True)
+    ref_cfg = PrefillConfig(**reference_knobs)
+    bos = model.cfg.bos_id
+    requests = [Chunked.of(p, ref_cfg.stage("chunking")(p, bos), bos) for p in cache["prompts"]]
+    if key not in cache:
+        cache[key] = select(model, ref_cfg, requests, 32)[0]
+    cfg = PrefillConfig(**knobs)
+    select(model, cfg, requests[:2], 32)  # warm-up
+    return agreement(cache[key], select(model, cfg, requests, 32)[0])
 
 
 # ---- the floors: what the GPU and the model's matrix work allow, measured in the same run -------
@@ -147,6 +216,11 @@ def floors(model, backends=("eager", "compiled")) -> dict:
                         "decode_step_graph_ms": graph_time_ms(step),
                         "scoring_forward_ms": scoring_ms,
                         "scoring_linear_tflops": out["scoring_gemm"]["linear_flops"] / (scoring_ms * 1e-3) / 1e12}
+        if fp8.supported(model.device):  # the same forward with FP8 linear layers (bf16-equivalent FLOPs)
+            weights = fp8.model_weights(model)
+            fp8_ms = event_time_ms(lambda: model(idx, pos, logits_slice=slice(0, 0), linears=weights))
+            out[backend].update(scoring_forward_fp8_ms=fp8_ms, scoring_linear_tflops_fp8=out["scoring_gemm"][
+                "linear_flops"] / (fp8_ms * 1e-3) / 1e12)
         del step
         gc.collect()
         torch.cuda.empty_cache()
@@ -166,7 +240,8 @@ def print_floors(f: dict):
             print(f"  {backend:<9} decode step: graph {b['decode_step_graph_ms']:.2f} ms "
                   f"({b['decode_step_graph_ms'] / d['gemm_ms']:.2f}x GEMMs), eager {b['decode_step_eager_ms']:.2f} ms; "
                   f"scoring forward {b['scoring_forward_ms']:.1f} ms = {b['scoring_linear_tflops']:.0f} TFLOP/s "
-                  "on its linear layers", flush=True)
+                  f"on its linear layers; FP8 {b.get('scoring_forward_fp8_ms', float('nan')):.1f} ms = "
+                  f"{b.get('scoring_linear_tflops_fp8', float('nan')):.0f} TFLOP/s bf16-equivalent", flush=True)
 
 
 def main(argv=None):
@@ -181,6 +256,9 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16],
                    help="batched prefill-attention throughput at --batch-context (requests of different lengths)")
     p.add_argument("--batch-context", type=int, default=16384)
+    p.add_argument("--extrapolate", action="store_true", help="vanilla (and dual beyond --contexts) run 4 of the 32 "
+                   "steps, the other steady steps counted at their measured median (labelled in the JSON)")
+    p.add_argument("--no-agreement", action="store_true", help="leave out the prefill settings' topk_agreement")
     p.add_argument("--block-backend", choices=BLOCK_BACKENDS, default="auto",
                    help="the model every method runs (auto: the model's default; the floors measure eager and compiled)")
     p.add_argument("--out", default=None)
@@ -201,7 +279,7 @@ def main(argv=None):
         "timing": "wall clock with CUDA synchronisation, median of repeats; steps split by CUDA events"},
         "floors": floor, "runs": []}
     for method in args.methods:  # warm up every path (Triton compilation, cuBLAS heuristics)
-        run_one(model, make_request(4096), method, steps=2)
+        run_one(model, make_request(8192), method, steps=2)  # 8 chunks: a cascade runs its stages
     for n in args.contexts + args.long_contexts:
         request = make_request(n)
         rows = {}
@@ -210,7 +288,8 @@ def main(argv=None):
                 continue  # full-sequence methods: hours of GPU at 64K+, and the dense caches do not fit
             try:
                 once = method == "vanilla" or n in args.long_contexts  # dual at 128K: ~20 s a run
-                reps = [run_one(model, request, method) for _ in range(1 if once else args.repeats)]
+                scaled = args.extrapolate and (method == "vanilla" or (method == "dual" and n in args.long_contexts))
+                reps = [run_one(model, request, method, extrapolate=scaled) for _ in range(1 if once else args.repeats)]
             except torch.OutOfMemoryError:
                 print(f"{n:>7} {method:<18} out of memory", flush=True)
                 results["runs"].append({"context_tokens": n, "method": method, "error": "out of memory"})
@@ -235,6 +314,22 @@ def main(argv=None):
                   f"mem {row['peak_mem_gb']:5.1f}GB  x{row.get('speedup_vs_vanilla', float('nan')):6.1f} vs vanilla  "
                   f"x{row.get('speedup_vs_dual', float('nan')):5.1f} vs dual", flush=True)
         if args.out:  # after every context, so a cut-off run still leaves its numbers
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    if not args.no_agreement:  # every prefill speed record carries its selection's quality
+        toy: dict = {}
+        for method in args.methods:
+            if METHODS[method][0] == "prefill" and METHODS[method][1].get("score") != "draft":
+                value = topk_agreement(METHODS[method][1], toy)
+                for row in results["runs"]:
+                    if row["method"] == method:
+                        row["topk_agreement"] = value
+                print(f"topk_agreement {method:<22} {value:.3f} (toy model, {AGREEMENT_REQUESTS} requests at "
+                      f"{AGREEMENT_LENGTH} tokens, against full depth in bf16)", flush=True)
+        results["agreement_setup"] = {"model": "embedded toy", "requests": AGREEMENT_REQUESTS, "length": AGREEMENT_LENGTH,
+                                      "chunk_size": 128, "top_k": 4, "reference": "full-depth attention, bf16, same chunking"}
+        del toy
+        if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
     for b in args.batch_sizes:  # batches of requests 1-10% shorter than batch_context, so rows are ragged

@@ -136,3 +136,17 @@ def test_benchmark_runs_take_the_grid_labels(llada_dir):
     for label in ("prefill", "prefill_no_bos"):
         result = run_benchmark(model, tok, [ex], label, prefill, max_gen=4)
         assert result["qa"]["n"] == 1 and 0.0 <= result["qa"]["score"] <= 1.0
+
+
+def test_the_boundary_remedies_benchmark_runs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_boundaries
+
+    report = bench_boundaries.main(["--smoke", "--device", "cpu", "--methods", "dense", "snapped", "--out",
+                                    str(tmp_path / "b.json")])
+    cell = report["cells"]["512"]["passkey"]["random_depths"]
+    assert cell["snapped"]["cut"]["n"] + cell["snapped"]["whole"]["n"] == cell["snapped"]["n"] == 2
+    assert len(cell["snapped"]["minus_dense"]) == 3 and (tmp_path / "b.json").exists()

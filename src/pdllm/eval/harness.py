@@ -114,6 +114,11 @@ def cell_summary(records: list[dict]) -> dict:
         out.update(recall=sum(sel) / n, needle_selected=_bits(sel), needle_cut=_bits(r["needle_cut"] for r in records),
                    misses_needle_selected=sum(s and not r["correct"] for s, r in zip(sel, records)),
                    misses_needle_not_selected=sum(not s and not r["correct"] for s, r in zip(sel, records)))
+        for part, cut in (("cut", True), ("whole", False)):  # needles a chunk boundary cut, and the rest
+            rs = [r for r in records if r["needle_cut"] == cut]
+            k = sum(r["correct"] for r in rs)
+            out[part] = {"n": len(rs), "accuracy": k / max(1, len(rs)), "ci95": list(wilson_interval(k, len(rs))),
+                         "recall": sum(r["needle_selected"] for r in rs) / max(1, len(rs))}
     return out
 
 
