@@ -69,7 +69,8 @@ def tiny_config(arch: str):
 
 
 def write_checkpoint(path, arch: str, shards: int):  # shards: 1 or 2
-    from pdllm.model import Transformer, save_pretrained
+    from pdllm.checkpoint import save_pretrained
+    from pdllm.model import Transformer
 
     tk, cfg = tiny_config(arch)
     torch.manual_seed(0)
@@ -96,13 +97,13 @@ def dream_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llada(llada_dir):
     """The tiny LLaDA checkpoint loaded in fp32 (shared: tests must leave it as they found it)."""
-    from pdllm.model import from_pretrained
+    from pdllm.checkpoint import from_pretrained
 
     return from_pretrained(llada_dir, torch.float32)
 
 
 @pytest.fixture(scope="session")
 def dream(dream_dir):
-    from pdllm.model import from_pretrained
+    from pdllm.checkpoint import from_pretrained
 
     return from_pretrained(dream_dir, torch.float32)

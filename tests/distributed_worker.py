@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pdllm import distributed
-from pdllm.model import from_pretrained
+from pdllm.checkpoint import from_pretrained
 from pdllm.prefill import Prefill
 from pdllm.sampler import GenerationConfig, generate
 from pdllm.tokenizer import LongContextPrompt

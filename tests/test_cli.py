@@ -222,7 +222,7 @@ def test_prompt_and_file_problems(llada_dir, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    from pdllm.model import CheckpointError
+    from pdllm.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="does not exist"):
         main(_gen(tmp_path / "none", "--debug"))
     monkeypatch.setenv("PDLLM_DEBUG", "1")

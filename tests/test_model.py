@@ -1,4 +1,4 @@
-"""model.py: config, loading (and every bad input), RoPE, cached forwards, GQA."""
+"""model.py and checkpoint.py: config, loading (and every bad input), RoPE, cached forwards, GQA."""
 
 import json
 import shutil
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pdllm.cache import DenseKVCache
-from pdllm.model import (CheckpointError, ModelConfig, Transformer, apply_rope, checkpoint_shapes, from_pretrained,
-                         fuse_state, hf_to_ours, unfuse_state,
-                         load_config, ours_to_hf, rope_cos_sin, save_pretrained)
+from pdllm.checkpoint import (CheckpointError, checkpoint_shapes, from_pretrained, fuse_state, hf_to_ours, load_config,
+                              ours_to_hf, save_pretrained, unfuse_state)
+from pdllm.model import ModelConfig, Transformer, apply_rope, rope_cos_sin
 from pdllm.testing import assert_close
 
 

@@ -257,7 +257,7 @@ def read_text_file(path: str, flag: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from pdllm.model import load_config
+    from pdllm.checkpoint import load_config
     from pdllm.sampler import generate
 
     # Everything the user gave is checked here, before the weights are read.

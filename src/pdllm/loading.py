@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pdllm.model import CheckpointError, from_pretrained, load_config
+from pdllm.checkpoint import CheckpointError, from_pretrained, load_config
+from pdllm.model import ModelConfig
 from pdllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "toy"
@@ -54,8 +55,6 @@ def check_dtype(dtype: str) -> str:
 
 def check_compatible(path: Path, cfg, tok: Tokenizer):
     """The tokenizer must fit the model: its ids inside the embedding, the same mask token."""
-    from pdllm.model import ModelConfig
-
     names = {ours: theirs for ours, theirs, _ in ModelConfig.HF_NAMES[cfg.arch]}
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{path}: tokenizer.json has {tok.vocab_size} tokens but the model's vocabulary is "

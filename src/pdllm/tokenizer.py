@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdllm.checkpoint import CheckpointError, checkpoint_file, read_checkpoint_json
+
 # Chat templates: (conversation start, user turn, end of turn + assistant header).
 TEMPLATES = {
     # LLaDA (Llama-3 style): BOS once, header per message.
@@ -84,8 +86,6 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         """Load tokenizer.json from a checkpoint directory; the family follows config.json."""
         from tokenizers import Tokenizer as HFTokenizer
-
-        from pdllm.model import CheckpointError, checkpoint_file, read_checkpoint_json
 
         path = Path(path)
         file = checkpoint_file(path, "tokenizer.json", str(path), missing=f"{path}: tokenizer.json is missing "
