@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pdllm.autotune import configs
+from pdllm import PdllmWarning
 from pdllm.autotune.configs import ConfigError, bucket_distance, device_key, load_config_file, lookup, rescale_splits
 from pdllm.testing import HAS_CUDA
 
@@ -90,7 +91,7 @@ def test_rescale_splits():
 
 
 def test_unknown_gpu_warns_once_and_falls_back(tmp_path):
-    with pytest.warns(UserWarning, match="no tuned kernel configs for GPU 'Mystery_GPU'"):
+    with pytest.warns(PdllmWarning, match="no tuned kernel configs for GPU 'Mystery_GPU'"):
         cfg = get(name="Mystery GPU", directory=tmp_path)
     assert cfg == configs.default_config("chunk_attention", 128)
     with warnings.catch_warnings():
