@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pdllm.attention import dense_attention
+from pdllm.compiled import compiled
 
 # ---------------------------------------------------------------------------------------------
 # 1. Config
@@ -229,11 +230,15 @@ def mlp(x, w_gate_up, w_down):
     return F.linear(F.silu(gate) * up, w_down)
 
 
-def block_output(x, y, w_o, norm_weight, eps: float, w_gate_up, w_down):
-    """A block's second half from attention's output y (B, H, T, D): o-projection and residual,
-    pre-norm MLP and residual."""
+def merge_heads(y):
+    """Attention's output (B, H, T, D) -> (B, T, H * D), the o-projection's input."""
     B, H, T, D = y.shape
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), w_o)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def block_output(x, attn_out, norm_weight, eps: float, w_gate_up, w_down):
+    """A block's second half from its attention's o-projection: residual, pre-norm MLP, residual."""
+    x = x + attn_out
     return x + mlp(rms_norm(x, norm_weight, eps), w_gate_up, w_down)
 
 
@@ -279,8 +284,7 @@ class Attention(nn.Module):
 
     def out(self, y):
         """(B, H, T, D) -> (B, T, C) through the output projection."""
-        B, _, T, _ = y.shape
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o(merge_heads(y))
 
 
 def attend(q, k, v, mask, cache, layer: int, backend: str):
@@ -316,53 +320,32 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa", block_backend="eager"):
-        first, second = _block_halves(block_backend, x.device)
+    def forward(self, x, rope, mask=None, cache=None, layer=0, backend="sdpa",
+                halves=(attention_inputs, block_output)):
+        """``halves``: the block's two halves as the model's block_backend runs them (block_halves)."""
+        first, second = halves
         a = self.attn
         q, k, v = first(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias, *rope,
                         a.n_heads, a.n_kv_heads)
-        y = attend(q, k, v, mask, cache, layer, backend)
-        return second(x, y, a.o.weight, self.mlp_norm.weight, self.mlp_norm.eps, self.mlp.gate_up.weight,
-                      self.mlp.down.weight)
+        # The o-projection runs here, not in the second half: attention backends return different
+        # memory layouts (and views or not), and a compiled half compiles again for each it is given.
+        return second(x, a.out(attend(q, k, v, mask, cache, layer, backend)), self.mlp_norm.weight,
+                      self.mlp_norm.eps, self.mlp.gate_up.weight, self.mlp.down.weight)
 
 
-_COMPILED: dict = {}
-
-
-def _block_halves(block_backend: str, device: torch.device):
-    """(attention_inputs, block_output) for a block backend. "compiled": torch.compile fuses each
-    half's elementwise work (fp32 norm, RoPE, SiLU x up, residual adds) around its GEMMs. Shapes
-    are dynamic after the first change, so a new length does not recompile. Where compiling is not
-    possible (no compiler for the device), the eager functions run, with one warning."""
+def block_halves(block_backend: str, device: torch.device, dtype: torch.dtype, cfg: ModelConfig):
+    """(attention_inputs, block_output) as ``block_backend`` runs them. "compiled": torch.compile
+    fuses each half's elementwise work (fp32 norm, RoPE, SiLU x up, residual adds) around its GEMMs,
+    one compiled copy per device, dtype and model shape (pdllm.compiled says why); "eager": the
+    functions themselves."""
     if block_backend == "auto":
         block_backend = "compiled" if device.type == "cuda" else "eager"
     if block_backend == "eager":
         return attention_inputs, block_output
     if block_backend != "compiled":
         raise ValueError(f"unknown block backend {block_backend!r}; choose one of {BLOCK_BACKENDS}")
-    if "halves" not in _COMPILED:
-        _COMPILED["halves"] = tuple(_compiled_or_eager(f) for f in (attention_inputs, block_output))
-    return _COMPILED["halves"]
-
-
-def _compiled_or_eager(fn):
-    compiled = torch.compile(fn, fullgraph=True)
-
-    def run(*args):
-        if _COMPILED.get("failed"):
-            return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as e:  # a compiler missing or failing must not fail the answer
-            out = fn(*args)  # raises again if the inputs, not the compiler, were the problem
-            import warnings
-
-            warnings.warn(f"pdllm: torch.compile of the block failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly", stacklevel=3)
-            _COMPILED["failed"] = True
-            return out
-
-    return run
+    key = (device, dtype, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, cfg.qkv_bias, cfg.norm_eps)
+    return compiled(attention_inputs, key), compiled(block_output, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,8 +401,9 @@ class Transformer(nn.Module):
             raise ValueError(f"stop_after={stop_after} must be in [1, n_layers={self.cfg.n_layers}]")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = self.rope(pos)
+        halves = block_halves(self.block_backend, x.device, x.dtype, self.cfg)
         for i, block in enumerate(self.blocks[:stop_after]):
-            x = block(x, rope, mask, cache, i, self.attention_backend, self.block_backend)
+            x = block(x, rope, mask, cache, i, self.attention_backend, halves)
         if stop_after is not None:
             return x
         if logits_slice is not None:
@@ -450,4 +434,4 @@ def build_random(cfg: ModelConfig, dtype=torch.bfloat16, device="cuda", seed: in
 
 
 __all__ = ["ModelConfig", "Transformer", "Block", "RMSNorm", "rope_cos_sin", "apply_rope", "build_random",
-           "rms_norm", "attention_inputs", "block_output", "BLOCK_BACKENDS"]
+           "rms_norm", "attention_inputs", "merge_heads", "block_output", "block_halves", "BLOCK_BACKENDS"]
