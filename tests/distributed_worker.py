@@ -12,6 +12,7 @@ fails during scoring; the job must end with its error.
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -50,13 +51,15 @@ def run(model, prompts, **knobs):
 
 def main(ckpt, out, scenario):
     torch.set_num_threads(1)
-    distributed.init(timeout_s=5 if scenario == "hang" else 120)
+    distributed.init(timeout_s=120)  # joining waits for every rank: on a loaded machine they start seconds apart
     rank = distributed.rank()
     model = from_pretrained(ckpt, torch.float32)
     batch, tiny = batches(model)
     if scenario in ("hang", "crash"):
+        if scenario == "hang":  # then the scoring's collectives get a short timeout
+            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=5))
         if rank == 1 and scenario == "hang":
-            time.sleep(60)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
+            time.sleep(3600)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
         if rank == 1 and scenario == "crash":
             import pdllm.prefill
 
