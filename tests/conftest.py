@@ -32,6 +32,14 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 
 
+@pytest.fixture(autouse=True)
+def no_user_config(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's tuned tables (~/.config/pdllm/autotune): the lookup finds
+    the shipped tables only, whatever ran on this machine before, and a test that tunes says where
+    it writes. The directory does not exist; a test that needs one sets its own."""
+    monkeypatch.setenv("PDLLM_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "no-user-config"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny checkpoints in the real on-disk formats (written once per session)
 # ---------------------------------------------------------------------------------------------
