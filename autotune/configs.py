@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from pdllm import PdllmWarning
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 KERNELS = ("chunk_attention", "key_attention_mass")
 BUCKET_KEYS = ("kv_len", "q_rows", "head_dim", "group")
@@ -172,6 +174,7 @@ def _table(key: str, directories: tuple[str, ...]):
             warnings.warn(
                 f"pdllm: no tuned kernel configs for GPU '{key}' (looked for {' and '.join(map(str, paths))}); "
                 "using defaults. Run `pdllm tune` to tune for it.",
+                PdllmWarning,
                 stacklevel=5,
             )
         return None

@@ -3,6 +3,7 @@
     pdllm tune                                     # the default grid (long: ~an hour on an H100)
     pdllm tune --kv-lens 4096 --q-rows 32 --head-dims 128 --groups 1 --dtypes bfloat16
     pdllm tune --device cpu                        # a smoke run of every step in the Triton interpreter
+                                                   # (in a child process: see in_interpreter_process)
 
 For every shape bucket (context length of the selected KV, query rows, head_dim, GQA ratio, dtype)
 it builds a realistic problem (one batch row, about 32 query heads, the selected keys are
@@ -33,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,17 +91,12 @@ def parse_args(argv=None):
     return args
 
 
-def use_interpreter():
-    """--device cpu runs the kernels in the Triton interpreter, which is chosen when a kernel module is
-    imported: set TRITON_INTERPRET=1 before that, or refuse if a kernel was already built natively."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    from pdllm.cli import UsageError
-
-    if any(name.startswith("pdllm.triton_kernels.") for name in sys.modules):
-        raise UsageError("--device cpu needs the Triton interpreter, and the kernels are already loaded without "
-                         "it; run with TRITON_INTERPRET=1 set")
-    os.environ["TRITON_INTERPRET"] = "1"
+def in_interpreter_process(argv: list[str]) -> int:
+    """--device cpu from a process that is not in the Triton interpreter: the sweep runs in a child
+    process that is. Triton reads TRITON_INTERPRET when it compiles, so setting it here would leave
+    this process's later Triton work (the kernels, torch.compile's code) in the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "pdllm.cli", "tune", *argv], env=env).returncode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,12 +312,11 @@ def main(argv=None) -> int:
     Returns 1 when every candidate of every bucket failed (nothing written)."""
     from pdllm.cli import UsageError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("no CUDA GPU here; nothing to tune (--device cpu runs a smoke test in the Triton interpreter)")
-    if device == "cpu":
-        use_interpreter()
     kernels = [k for k in args.kernels.split(",") if k]
     for k in kernels:
         if k not in TUNERS:
@@ -338,12 +334,23 @@ def main(argv=None) -> int:
                              "integers") from None
     env = environment(device)
     path = (args.out_dir or user_config_dir()) / f"{env['device_key']}.json"
+    if path.exists():
+        load_config_file(path)  # a bad file fails now, not after the sweep
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return in_interpreter_process(argv)
+    return sweep(args, env, path)
+
+
+def sweep(args, env: dict, path: Path) -> int:
+    """Tune every bucket of the grid into the table at ``path``, written after each bucket;
+    returns 1 when nothing was tuned (and nothing written)."""
+    device = args.device
+    kernels = [k for k in args.kernels.split(",") if k]
+    dtypes = [d for d in args.dtypes.split(",") if d]
     grid = {k: getattr(args, k) for k in ("kv_lens", "q_rows", "head_dims", "groups", "dtypes", "block_n",
                                          "num_warps", "num_stages", "num_splits", "heads", "rep_ms")}
     results = {k: [] for k in kernels}
     start = time.time()
-    if path.exists():
-        load_config_file(path)  # a bad file fails now, not after the sweep
     buckets = list(itertools.product(dtypes, _ints(args.head_dims), _ints(args.groups), _ints(args.q_rows),
                                      _ints(args.kv_lens)))
     print(f"tuning {len(buckets)} buckets x {kernels} on {env['device']} -> {path}", flush=True)

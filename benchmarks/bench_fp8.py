@@ -48,7 +48,8 @@ from bench_e2e import LLADA_8B  # noqa: E402
 
 from pdllm import fp8  # noqa: E402
 from pdllm.environment import environment  # noqa: E402
-from pdllm.model import attention_inputs, block_output, build_random  # noqa: E402
+from pdllm.fp8 import bf16_block_output  # noqa: E402
+from pdllm.model import attention_inputs, build_random  # noqa: E402
 
 VARIANTS = ("bf16_gemms", "fp8_gemms", "fp8_gemms_fast_accum", "bf16_halves", "fp8_halves", "fp8_halves_fast_accum",
             "fp8_halves_unfused")
@@ -120,7 +121,7 @@ def halves_variants(block: Block, compiled: bool) -> dict:
     eagerly. The bf16 halves compile with static shapes (their best case: the model's own are
     dynamic after a first change of length); the FP8 ones are dynamic, as the scoring runs them."""
     cfg = block.cfg
-    bf16 = (attention_inputs, block_output)
+    bf16 = (attention_inputs, bf16_block_output)
     if compiled:
         bf16 = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in bf16)
     unfused = (fp8.fp8_attention_inputs, fp8.fp8_block_output)
@@ -162,7 +163,7 @@ def halves_error(block: Block, run, inputs) -> dict:
     n32 = [n.float() for n in block.norms]
     cfg = block.cfg
     exact_qkv = attention_inputs(x.float(), n32[0], cfg.norm_eps, w32[0], None, cos, sin, cfg.n_heads, cfg.n_kv_heads)
-    exact_out = block_output(x.float(), y.float(), w32[1], n32[1], cfg.norm_eps, w32[2], w32[3])
+    exact_out = bf16_block_output(x.float(), y.float(), w32[1], n32[1], cfg.norm_eps, w32[2], w32[3])
     qkv, out = run(x, cos, sin, y, "both")
     errors = {name: relative_error(a, e) for name, a, e in zip("qkv", qkv, exact_qkv)}
     errors["block_update"] = relative_error(out.float() - x.float(), exact_out - x.float())

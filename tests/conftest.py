@@ -32,6 +32,14 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 
 
+@pytest.fixture(autouse=True)
+def no_user_config(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's tuned tables (~/.config/pdllm/autotune): the lookup finds
+    the shipped tables only, whatever ran on this machine before, and a test that tunes says where
+    it writes. The directory does not exist; a test that needs one sets its own."""
+    monkeypatch.setenv("PDLLM_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "no-user-config"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny checkpoints in the real on-disk formats (written once per session)
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +77,8 @@ def tiny_config(arch: str):
 
 
 def write_checkpoint(path, arch: str, shards: int):  # shards: 1 or 2
-    from pdllm.model import Transformer, save_pretrained
+    from pdllm.checkpoint import save_pretrained
+    from pdllm.model import Transformer
 
     tk, cfg = tiny_config(arch)
     torch.manual_seed(0)
@@ -96,13 +105,13 @@ def dream_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llada(llada_dir):
     """The tiny LLaDA checkpoint loaded in fp32 (shared: tests must leave it as they found it)."""
-    from pdllm.model import from_pretrained
+    from pdllm.checkpoint import from_pretrained
 
     return from_pretrained(llada_dir, torch.float32)
 
 
 @pytest.fixture(scope="session")
 def dream(dream_dir):
-    from pdllm.model import from_pretrained
+    from pdllm.checkpoint import from_pretrained
 
     return from_pretrained(dream_dir, torch.float32)

@@ -12,12 +12,13 @@ fails during scoring; the job must end with its error.
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from pdllm import distributed
-from pdllm.model import from_pretrained
+from pdllm.checkpoint import from_pretrained
 from pdllm.prefill import Prefill, decode_record, recv_record, run_prefill, send_record
 from pdllm.prefill.scorers import AttentionScorer
 from pdllm.sampler import GenerationConfig, generate
@@ -51,13 +52,15 @@ def run(model, prompts, **knobs):
 
 def main(ckpt, out, scenario):
     torch.set_num_threads(1)
-    distributed.init(timeout_s=5 if scenario == "hang" else 120)
+    distributed.init(timeout_s=120)  # joining waits for every rank: on a loaded machine they start seconds apart
     rank = distributed.rank()
     model = from_pretrained(ckpt, torch.float32)
     batch, tiny = batches(model)
     if scenario in ("hang", "crash"):
+        if scenario == "hang":  # then the scoring's collectives get a short timeout
+            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=5))
         if rank == 1 and scenario == "hang":
-            time.sleep(60)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
+            time.sleep(3600)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
         if rank == 1 and scenario == "crash":
             def fail(*args, **kwargs):
                 raise RuntimeError("rank 1 failed mid-way through scoring (injected by the test)")

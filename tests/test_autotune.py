@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
 import torch
 
 from pdllm.autotune import configs
+from pdllm import PdllmWarning
 from pdllm.autotune.configs import ConfigError, bucket_distance, device_key, load_config_file, lookup, rescale_splits
 from pdllm.testing import HAS_CUDA
 
@@ -90,7 +92,7 @@ def test_rescale_splits():
 
 
 def test_unknown_gpu_warns_once_and_falls_back(tmp_path):
-    with pytest.warns(UserWarning, match="no tuned kernel configs for GPU 'Mystery_GPU'"):
+    with pytest.warns(PdllmWarning, match="no tuned kernel configs for GPU 'Mystery_GPU'"):
         cfg = get(name="Mystery GPU", directory=tmp_path)
     assert cfg == configs.default_config("chunk_attention", 128)
     with warnings.catch_warnings():
@@ -203,8 +205,21 @@ def test_tuner_exits_non_zero_and_writes_nothing_when_nothing_was_tuned(tmp_path
     from pdllm.autotune import tune
 
     monkeypatch.setattr(tune, "TUNERS", {k: (lambda *a: (None, [{"why": "0 active drivers"}])) for k in tune.TUNERS})
-    assert tune.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    args = tune.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    assert tune.sweep(args, tune.environment("cpu"), tmp_path / "cpu.json") == 1
     assert "nothing was tuned" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_cpu_smoke_tune_runs_in_its_own_process_and_leaves_this_one_as_it_was(tmp_path, monkeypatch, capfd):
+    """From a process not in the Triton interpreter (a GPU's), --device cpu tunes in a child that is:
+    setting TRITON_INTERPRET here would put this process's later Triton and torch.compile work in
+    the interpreter too."""
+    from pdllm.autotune import tune
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "key_attention_mass"]) == 0
+    assert "TRITON_INTERPRET" not in os.environ
+    assert "wrote" in capfd.readouterr().out and len(load_config_file(tmp_path / "cpu.json")["key_attention_mass"]) == 1
 
 
 def test_tuner_writes_to_the_user_directory_the_lookup_reads(tmp_path, monkeypatch):

@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from pdllm import sampler
+from pdllm import PdllmWarning, sampler
 from pdllm.cli import main
 from pdllm.testing import HAS_CUDA
 
@@ -223,7 +224,7 @@ def test_prompt_and_file_problems(llada_dir, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    from pdllm.model import CheckpointError
+    from pdllm.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="does not exist"):
         main(_gen(tmp_path / "none", "--debug"))
     monkeypatch.setenv("PDLLM_DEBUG", "1")
@@ -257,6 +258,32 @@ def test_steps_beyond_gen_length_and_context_beyond_trained_positions_warn_once(
         in warned[1] and len(warned) == 2
     assert main(argv) == 0
     assert "pdllm: warning:" not in capsys.readouterr().err  # once per process
+
+
+def test_only_pdllm_warnings_are_pdllm_lines(monkeypatch, capsys):
+    """A warning of torch's (or any library's) during a command is shown as Python shows warnings,
+    never dressed as pdllm's; a PdllmWarning is the one-line ``pdllm: warning:``."""
+    import pdllm.demo
+
+    others = []
+
+    def python_shows(message, category, *rest):  # stands for Python's own showwarning
+        others.append((category, str(message)))
+
+    monkeypatch.setattr(warnings, "showwarning", python_shows)
+
+    def command(rest):
+        warnings.warn("`torch.jit.script_method` is deprecated", DeprecationWarning)
+        warnings.warn("pdllm: steps=16 is more than gen_length=8", PdllmWarning)
+        return 0
+
+    monkeypatch.setattr(pdllm.demo, "main", command)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["demo"]) == 0
+        assert warnings.showwarning is python_shows  # the command leaves Python's as it found it
+    assert capsys.readouterr().err == "pdllm: warning: steps=16 is more than gen_length=8\n"
+    assert others == [(DeprecationWarning, "`torch.jit.script_method` is deprecated")]
 
 
 # ---- pdllm eval / demo / tune ----------------------------------------------------------------------
@@ -305,7 +332,8 @@ def test_generate_under_torchrun_without_chunk_parallel_warns_once(llada_dir, tm
     def warnings_of(argv, world):
         monkeypatch.setenv("WORLD_SIZE", world)
         assert main(argv) == 0
-        return [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "warning" in line]
+        err = capsys.readouterr().err.replace("\r", "\n")
+        return [line for line in err.splitlines() if line.startswith("pdllm: warning:")]
 
     prefill = [*base, "--method", "prefill", "--chunk-size", "16", "--top-k", "2"]
     assert warnings_of([*base, "--method", "vanilla"], "1") == []  # a world of one: nothing to share

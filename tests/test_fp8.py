@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from pdllm import fp8
 from pdllm.fp8 import (E4M3, E4M3_MAX, compiled_halves, fp8_attention_inputs, fp8_block_halves, fp8_block_output,
                        fp8_linear, quantize_model, quantize_rows, quantize_weight, supported)
-from pdllm.model import ModelConfig, attention_inputs, block_output, build_random
+from pdllm.fp8 import bf16_block_output
+from pdllm.model import ModelConfig, attention_inputs, build_random
 from pdllm.testing import HAS_CUDA
 
 ONE_GEMM_BOUND, BLOCK_BOUND = 0.05, 0.08
@@ -163,7 +164,7 @@ def test_fp8_halves_are_within_e4m3_error_of_the_fp32_halves(arch, seed, B, T):
     block's output is compared as its update (out - x): the residual would hide the error."""
     model = tiny_block(SHAPES[arch], torch.float32, seed=seed % 7)
     x, cos, sin, y = block_inputs(model, B, T, seed)
-    (q, k, v), out = run_halves(model, None, (attention_inputs, block_output), x, cos, sin, y)
+    (q, k, v), out = run_halves(model, None, (attention_inputs, bf16_block_output), x, cos, sin, y)
     (q8, k8, v8), out8 = run_halves(model, quantize_model(model).layers[0], (fp8_attention_inputs, fp8_block_output),
                                     x, cos, sin, y)
     for actual, expected in ((q8, q), (k8, k), (v8, v)):
@@ -182,7 +183,7 @@ def test_fp8_halves_in_bf16_return_bf16_without_nan(arch, device):
     fp8_layer = quantize_model(model).layers[0]
     (q8, k8, v8), out8 = run_halves(model, fp8_layer, (fp8_attention_inputs, fp8_block_output), x, cos, sin, y)
     reference = model.float()
-    (q, k, v), out = run_halves(reference, None, (attention_inputs, block_output), x.float(), cos, sin, y.float())
+    (q, k, v), out = run_halves(reference, None, (attention_inputs, bf16_block_output), x.float(), cos, sin, y.float())
     for actual, expected in ((q8, q), (k8, k), (v8, v)):
         assert actual.dtype == torch.bfloat16 and actual.isfinite().all()
         assert relative_error(actual, expected) <= ONE_GEMM_BOUND
@@ -229,7 +230,7 @@ def test_compiled_fp8_halves_equal_the_eager_ones_at_every_length_without_recomp
             x, cos, sin, y = block_inputs(model, B, T, seed=T)
             (q, k, v), out = run_halves(model, layer, compiled, x, cos, sin, y)
             (qe, ke, ve), oute = run_halves(model, layer, (fp8_attention_inputs, fp8_block_output), x, cos, sin, y)
-            (qr, kr, vr), outr = run_halves(reference, None, (attention_inputs, block_output), x.float(), cos, sin,
+            (qr, kr, vr), outr = run_halves(reference, None, (attention_inputs, bf16_block_output), x.float(), cos, sin,
                                             y.float())
             # Compiled and eager round the norm's output differently (fp32 in registers vs bf16), so
             # a few values land on the neighbouring e4m3 code: within a third of FP8's own error.

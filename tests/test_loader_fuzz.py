@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from pdllm.model import CheckpointError, from_pretrained
+from pdllm.checkpoint import CheckpointError, from_pretrained
 
 TIME_LIMIT_S = 10.0  # a tiny checkpoint loads in ~10 ms; this only has to catch a hang
 UNBLOCK_S = 2.0  # after this, the helper process releases a loader blocked on a named pipe

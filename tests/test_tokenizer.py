@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pdllm.model import CheckpointError
+from pdllm.checkpoint import CheckpointError
 from pdllm.tokenizer import TEMPLATES, Tokenizer
 
 # The special tokens of the tiny test tokenizer (tests/conftest.py).

@@ -9,7 +9,8 @@ import torch
 
 from pdllm.data.synthetic import piece_encoder
 from pdllm.data.toy_tokenizer import build_toy_tokenizer
-from pdllm.model import ModelConfig, Transformer, from_pretrained
+from pdllm.checkpoint import from_pretrained
+from pdllm.model import ModelConfig, Transformer
 from pdllm.tokenizer import Tokenizer
 from pdllm.train_toy import SMOKE, PromptBuilder, TrainConfig, diffusion_loss, lr_at, main, make_train_batch
 

@@ -3,7 +3,8 @@
 The thinnest layer over the library: it parses, checks every knob before the model loads (an 8B
 checkpoint takes minutes), and calls pdllm.loading, pdllm.methods and pdllm.sampler. A user error
 is one line ``pdllm: error: ...`` on stderr and exit status 2; ``--debug`` anywhere on the command
-line (or PDLLM_DEBUG=1) shows the traceback instead. A warning is one line ``pdllm: warning: ...``.
+line (or PDLLM_DEBUG=1) shows the traceback instead. A warning of pdllm's is one line
+``pdllm: warning: ...``; other libraries' warnings keep Python's format.
 
 Flags are derived, not written out (pdllm.knobs): every field of GenerationConfig is a decoding
 flag, and every knob of every registered method (pdllm.methods.METHODS: the keywords of its
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pdllm import PdllmWarning
 from pdllm.knobs import ArgumentError, ArgumentParser, UsageError, add_knob, all_method_knobs, config_knobs, given_knobs
 from pdllm.loading import EMBEDDED_MODEL, check_device, check_dtype, default_device, load_model
 from pdllm.methods import METHODS
@@ -136,7 +138,7 @@ def read_text_file(path: str, flag: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from pdllm.model import load_config
+    from pdllm.checkpoint import load_config
     from pdllm.sampler import generate
 
     # Everything the user gave is checked here, before the weights are read.
@@ -283,11 +285,20 @@ def _run(argv) -> int:
     return args.func(args)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    from tqdm import tqdm  # tqdm.write: the line goes above a progress bar, not into it
+def _one_line_warnings(show_others):
+    """warnings.showwarning for the command: pdllm's own warnings (PdllmWarning) as one line
+    ``pdllm: warning: ...``, every other warning (torch's, a library's) by ``show_others``, as
+    Python shows it: it is not pdllm's to rephrase."""
 
-    text = " ".join(str(message).split()).removeprefix("pdllm: ")
-    tqdm.write(f"pdllm: warning: {text}", file=sys.stderr if file is None else file)
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, PdllmWarning):
+            return show_others(message, category, filename, lineno, file, line)
+        from tqdm import tqdm  # tqdm.write: the line goes above a progress bar, not into it
+
+        text = " ".join(str(message).split()).removeprefix("pdllm: ")
+        tqdm.write(f"pdllm: warning: {text}", file=sys.stderr if file is None else file)
+
+    return show
 
 
 def main(argv=None) -> int:
@@ -297,7 +308,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     shown = warnings.showwarning
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         return _run(argv)
     except (UsageError, ValueError, OSError, ConfigError) as e:  # CheckpointError and ConfigError are ValueErrors

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdllm.model import BLOCK_BACKENDS, rms_norm, split_heads
+from pdllm.model import BLOCK_BACKENDS, block_output, rms_norm, split_heads
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448.0
@@ -195,6 +195,14 @@ def fp8_linear(x8, x_scale, w8, w_scale, bias=None, out_dtype=torch.bfloat16):
                             use_fast_accum=FAST_ACCUM)
 
 
+def bf16_block_output(x, y, w_o, norm_weight, eps: float, w_gate_up, w_down):
+    """pdllm.model's second half with the o-projection before it (Block.forward runs it between the
+    halves), from attention's output y (B, H, T, D): fp8_block_output's bf16 twin, with its arguments
+    (the tests and benchmarks compare the two)."""
+    B, H, T, D = y.shape
+    return block_output(x, F.linear(y.transpose(1, 2).reshape(B, T, H * D), w_o), norm_weight, eps, w_gate_up, w_down)
+
+
 # ---- the two halves of a block, as pdllm.model's, with FP8 matrices -----------------------------
 # The compiled functions take tensors only (the Fp8Weight fields): torch.compile then guards on
 # tensor shapes and strides, never on which layer's Python objects were passed.
@@ -273,5 +281,5 @@ def fp8_block_halves(block_backend: str, device: torch.device):
 
 
 __all__ = ["E4M3", "E4M3_MAX", "Fp8Weight", "Fp8Layer", "Fp8Weights", "quantize_rows", "quantize_weight",
-           "quantize_model", "model_weights", "rms_norm_fp8", "silu_mul_fp8", "heads_fp8", "fp8_linear", "fp8_attention_inputs",
+           "quantize_model", "model_weights", "bf16_block_output", "rms_norm_fp8", "silu_mul_fp8", "heads_fp8", "fp8_linear", "fp8_attention_inputs",
            "fp8_block_output", "compiled_halves", "fp8_block_halves", "supported"]

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from pdllm import PdllmWarning
+
 
 def capture(fn, idx: torch.Tensor, key):
     """A StepGraph, or None (with one warning) where this forward cannot be captured: the caller
@@ -21,7 +23,8 @@ def capture(fn, idx: torch.Tensor, key):
     except Exception as e:  # capture can fail on drivers/versions we have not seen; never fail the answer
         global _warned
         if not _warned:
-            warnings.warn(f"pdllm: CUDA-graph capture of the decode step failed ({e!r}); running eagerly", stacklevel=2)
+            warnings.warn(f"pdllm: CUDA-graph capture of the decode step failed ({e!r}); running eagerly",
+                          PdllmWarning, stacklevel=2)
             _warned = True
         torch.cuda.synchronize()
         return None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pdllm.model import CheckpointError, ModelConfig, from_pretrained, load_config
+from pdllm.checkpoint import CheckpointError, from_pretrained, load_config
+from pdllm.model import ModelConfig
 from pdllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "toy"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pdllm import PdllmWarning
 from pdllm.cache import DenseKVCache
 from pdllm.graphs import capture, graphs_available
 from pdllm.methods import METHODS, make_method
@@ -36,10 +37,10 @@ _warned: set[str] = set()
 
 
 def warn_once(key: str, message: str):
-    """A UserWarning shown once per process: a loop over requests must not repeat it."""
+    """A PdllmWarning shown once per process: a loop over requests must not repeat it."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, PdllmWarning, stacklevel=3)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdllm.boundaries import text_breaks
-from pdllm.model import CheckpointError, checkpoint_file, read_checkpoint_json
+from pdllm.checkpoint import CheckpointError, checkpoint_file, read_checkpoint_json
 
 # Chat templates: (conversation start, user turn, end of turn + assistant header).
 TEMPLATES = {

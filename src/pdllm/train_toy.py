@@ -58,11 +58,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pdllm.checkpoint import from_pretrained, save_pretrained
 from pdllm.data.synthetic import TASKS, make_example, make_grid, packed_sequence, piece_encoder, split_passages
 from pdllm.data.toy_tokenizer import build_toy_tokenizer
 from pdllm.data.toy_tokenizer import save as save_tokenizer
 from pdllm.environment import environment
-from pdllm.model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from pdllm.model import ModelConfig, Transformer
 from pdllm.sampler import left_pad
 from pdllm.tokenizer import Tokenizer
 
@@ -477,7 +478,7 @@ made them: `benchmarks/results/toy_eval_<gpu>.json` and its plots).
 
 ## Use
 ```python
-from pdllm.model import from_pretrained
+from pdllm.checkpoint import from_pretrained
 from pdllm.tokenizer import Tokenizer
 from pdllm.sampler import GenerationConfig, generate
 model, tok = from_pretrained("{out.name}"), Tokenizer.from_dir("{out.name}")
@@ -588,7 +589,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     args.grow_from = None
     if args.init_from:  # the model's sizes come from the checkpoint; a flag may only repeat them
-        from pdllm.model import load_config
+        from pdllm.checkpoint import load_config
 
         try:
             ckpt = load_config(Path(args.init_from))
