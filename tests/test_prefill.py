@@ -655,3 +655,16 @@ def test_fp8_scoring_ranks_as_bf16_does_and_keeps_no_kv(llada):
 
     for i in both:
         assert_close(kv_rows(fast, i), kv_rows(exact, i), torch.float32)
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(score="draft"), dict(score="cascade", cascade="1:0.5", cascade_min=2,
+                                                                         top_k=2)])
+def test_scorers_report_the_chunks_they_score(llada, knobs):
+    from pdllm.prefill.stages import chunk_progress
+
+    seen = []
+    batch = [request_of(llada, 45, seed=0), request_of(llada, 20, seed=1)]  # 6 + 3 chunks
+    with chunk_progress(lambda n, total: seen.append((n, total))):
+        generate(llada, batch, GenerationConfig(gen_length=4, block_length=4, steps=4), method="prefill",
+                 chunk_size=8, score_batch=4, **knobs)
+    assert sum(n for n, _ in seen) == 9 and {total for _, total in seen} == {9} and len(seen) > 1

@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from pdllm import PdllmWarning
 from pdllm.knobs import ArgumentError, ArgumentParser, UsageError, add_knob, all_method_knobs, config_knobs, given_knobs
 from pdllm.loading import EMBEDDED_MODEL, check_device, check_dtype, default_device, load_model
 from pdllm.methods import METHODS
+from pdllm.prefill.stages import chunk_progress
 
 DEBUG_ENV = "PDLLM_DEBUG"
 CLI_DEFAULTS = {"gen_length": 32, "steps": 32}  # the command answers short questions: 32 tokens, 32 steps
@@ -185,10 +188,11 @@ def cmd_generate(args) -> int:
         prompt = tok.chat(text)
     total = config.gen_length if config.threshold is not None else config.steps
     progress = StepProgress(total, tok, visual=args.visual)
-    if preset is not None and preset.generate is not None:
-        out = preset.generate(model, [prompt], config, method)
-    else:
-        out = generate(model, [prompt], config, method=method, callback=progress)
+    with chunk_progress(progress.chunks):
+        if preset is not None and preset.generate is not None:
+            out = preset.generate(model, [prompt], config, method)
+        else:
+            out = generate(model, [prompt], config, method=method, callback=progress)
     progress.close()
     if args.visual and args.method == "prefill":
         from pdllm.visual import render_selection
@@ -220,15 +224,23 @@ def warn_if_every_rank_does_the_whole_job(method):
 
 
 class StepProgress:
-    """A tqdm bar over denoising steps (one tick per step, the block shown as it fills)."""
+    """tqdm bars: over the chunks scored (prefill, while it chooses them), then over the denoising
+    steps (one tick per step, the block shown as it fills)."""
 
     def __init__(self, total: int, tokenizer=None, visual: bool = False):
-        from tqdm import tqdm
+        self.total, self.tokenizer, self.visual = total, tokenizer, visual
+        self.bar = self.scoring = None
 
-        self.bar = tqdm(total=total, unit="step", desc="decoding", leave=False, file=sys.stderr)
-        self.tokenizer, self.visual = tokenizer, visual
+    def chunks(self, n: int, total: int):
+        if self.scoring is None:
+            self.scoring = tqdm(total=total, unit="chunk", desc="scoring", leave=False, file=sys.stderr)
+        self.scoring.update(n)
 
     def __call__(self, event):
+        if self.bar is None:
+            if self.scoring is not None:
+                self.scoring.close()
+            self.bar = tqdm(total=self.total, unit="step", desc="decoding", leave=False, file=sys.stderr)
         self.bar.update(1)
         if self.visual:
             from pdllm.visual import render_block
@@ -236,7 +248,9 @@ class StepProgress:
             self.bar.write(render_block(event, self.tokenizer), file=sys.stderr)
 
     def close(self):
-        self.bar.close()
+        for bar in (self.scoring, self.bar):
+            if bar is not None:
+                bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +307,6 @@ def _one_line_warnings(show_others):
     def show(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, PdllmWarning):
             return show_others(message, category, filename, lineno, file, line)
-        from tqdm import tqdm  # tqdm.write: the line goes above a progress bar, not into it
 
         text = " ".join(str(message).split()).removeprefix("pdllm: ")
         tqdm.write(f"pdllm: warning: {text}", file=sys.stderr if file is None else file)

@@ -22,7 +22,7 @@ import torch
 
 from pdllm.prefill.scorers import AttentionProbe, AttentionScorer, ScoringJob, batches
 from pdllm.prefill.selectors import score_order
-from pdllm.prefill.stages import SCORERS, Chunked
+from pdllm.prefill.stages import SCORERS, Chunked, scored
 
 
 def parse_schedule(text: str) -> list[tuple[int, float]]:
@@ -135,6 +135,8 @@ class CascadeScorer(AttentionScorer):
                                    self.pool_kernel)
             x = model.run_layers(x, pos, start, stop, cache=probe, linears=linears)
             layers = sorted(read & set(range(start, stop)))
+            if start == 0:  # progress counts each chunk once, at its first stage
+                scored(len(group), len(jobs))
             for row, j in enumerate(group):
                 hidden[j] = x[row]
                 for layer, per_token in zip(layers, probe.token_scores):

@@ -18,7 +18,7 @@ import torch
 
 from pdllm.official import confidence_drafts
 from pdllm.prefill.scorers import batches
-from pdllm.prefill.stages import SCORERS, Chunked, Stage, at_least, choices
+from pdllm.prefill.stages import SCORERS, Chunked, Stage, at_least, choices, scored
 from pdllm.sampler import GenerationConfig, Vanilla, generate
 from pdllm.tokenizer import LongContextPrompt
 
@@ -112,10 +112,10 @@ def score_requests_draft(model, requests: list[Chunked], drafts, cfg: DraftScore
     mode = cfg.likelihood(model)
     dev, mask_id = model.device, model.cfg.mask_id
     jobs = []
-    for b, (r, (draft, scored)) in enumerate(zip(requests, drafts)):
+    for b, (r, (draft, slots_read)) in enumerate(zip(requests, drafts)):
         prompt = r.prompt
         P, Q, d = len(prompt.prefix), len(prompt.query), len(draft)
-        read = list(scored) if mode == "masked" else [True] * Q + list(scored)
+        read = list(slots_read) if mode == "masked" else [True] * Q + list(slots_read)
         if not any(read):
             raise ValueError("no draft token is scored: keep at least one slot")
         shown = [mask_id] * d if mode == "masked" else list(draft)
@@ -135,6 +135,7 @@ def score_requests_draft(model, requests: list[Chunked], drafts, cfg: DraftScore
             per_job[j].append(lp)
         for job, lps in zip(jobs, per_job):
             scores[job.request][job.chunk] = torch.stack(lps).mean()
+        scored(len(jobs), len(jobs))
         return scores
     for ids in batches([(len(job.tokens), job.first) for job in jobs], cfg.score_batch):
         group = [jobs[j] for j in ids]
@@ -147,6 +148,7 @@ def score_requests_draft(model, requests: list[Chunked], drafts, cfg: DraftScore
         logp = logits.log_softmax(dim=-1).gather(-1, target[..., None]).squeeze(-1).cpu()  # (B, n)
         for row, job in enumerate(group):  # each row its own request's slots read
             scores[job.request][job.chunk] = logp[row, torch.tensor(job.read)].mean()
+        scored(len(group), len(jobs))
     return scores
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from pdllm import fp8
 from pdllm.attention import chunk_attention, dense_attention, key_attention_mass
-from pdllm.prefill.stages import SCORERS, Chunked, Stage, at_least
+from pdllm.prefill.stages import SCORERS, Chunked, Stage, at_least, scored
 
 
 class AttentionProbe:
@@ -193,6 +193,7 @@ class AttentionScorer(Stage):
         for ids, per_token, probe in scored_batches(model, jobs, layers, self.pool_kernel, self.score_batch,
                                                     sink is not None, linears):
             chunk_scores = per_token.mean(dim=1).cpu()
+            scored(len(ids), len(jobs))
             for row, j in enumerate(ids):
                 b, i = owner[j]
                 scores[b][i] = chunk_scores[row]

@@ -22,8 +22,10 @@ default everywhere.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from pdllm.registry import Registry
 from pdllm.tokenizer import LongContextPrompt
@@ -99,3 +101,26 @@ class Chunked:
         """The same request with only chunks ``ids`` (indices into this one's)."""
         return Chunked(self.prompt, [self.spans[i] for i in ids], [self.chunks[i] for i in ids],
                        [self.ids[i] for i in ids])
+
+
+# A progress report over the chunks scored: scorers call ``scored(n)`` as n more chunks are scored,
+# and whoever shows progress (the command line's bar) listens with ``chunk_progress``. A long context
+# on a CPU takes minutes to score, and a bar over the decoding steps alone sits at 0% through them.
+_listener: ContextVar[Callable[[int, int], None] | None] = ContextVar("chunk_progress", default=None)
+
+
+@contextmanager
+def chunk_progress(callback: Callable[[int, int], None]):
+    """Within the block, ``callback(n, total)`` as scorers report n more of a batch's total chunks."""
+    token = _listener.set(callback)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def scored(n: int, total: int):
+    """A scorer scored n more of its total chunks (of every request of the batch)."""
+    listener = _listener.get()
+    if listener is not None:
+        listener(n, total)
