@@ -61,6 +61,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=100, help="examples per task, length and depth set")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dense", choices=("vanilla", "dual"), default="vanilla",
+                   help="the dense reference: vanilla (every step the whole sequence) or the dual cache (a CPU's choice)")
     p.add_argument("--device", default=None)
     p.add_argument("--smoke", action="store_true", help="2 examples, 1 task, 512 tokens: check the script runs")
     p.add_argument("--out", type=Path, default=None)
@@ -70,7 +72,8 @@ def main(argv=None):
     model, tok = load_model(EMBEDDED_MODEL, args.device)
     gen = GenerationConfig(gen_length=16, block_length=16, steps=16)
     report = {"environment": environment(), "model": "embedded toy", "prefill": BASE, "methods": {
-        label: {"method": m, "knobs": k} for label, (m, k) in METHODS.items() if label in args.methods},
+        label: {"method": args.dense if label == "dense" else m, "knobs": k}
+        for label, (m, k) in METHODS.items() if label in args.methods},
         "generation": {"gen_length": 16, "block_length": 16, "steps": 16}, "n": args.n, "cells": {}}
     for L in args.lengths:
         for task in args.tasks:
@@ -78,6 +81,7 @@ def main(argv=None):
                 cell, flags = {}, {}
                 for label in args.methods:
                     method, knobs = METHODS[label]
+                    method = args.dense if label == "dense" else method
                     t0 = time.perf_counter()
                     records = run_examples(model, tok, examples, gen, method, args.batch_size,
                                            **({} if knobs is None else {**BASE, **knobs}))

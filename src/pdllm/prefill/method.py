@@ -71,7 +71,8 @@ class Prefill:
         requests = [Chunked.of(p, chunker(p, bos), bos) for p in prompts]  # 1. chunking
         sink = None  # 2. scoring; with encode-once the best chunks' K/V is held as they stream by
         if builder.reads_scoring_kv() and scorer.provides_kv(model):
-            sink = KeptKV(model, requests, [selector.held(len(r.spans)) for r in requests])
+            held = getattr(selector, "held", lambda n: 0)  # a selector that names none holds none: its kept
+            sink = KeptKV(model, requests, [held(len(r.spans)) for r in requests])  # chunks are encoded again
         if cfg.chunk_parallel:
             scores, owner = score_across_ranks(scorer, model, requests, block_length, sink)
         else:
