@@ -126,7 +126,11 @@ def _combine_splits(OUT, LSE, O_PART, LSE_PART, row_off, lse_off, part_off, lse_
     tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float("-inf")), mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh"])
+# Not specialised: the sizes and the strides that follow them (the index's, the LSEs' and their
+# partials'), so that a new length or head count reuses the compiled kernel instead of compiling
+# another for its divisibility by 16.
+@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh",
+                               "stride_qs", "stride_qlb", "stride_qlh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
     O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) out's dtype, (S, B, H, Tq) fp32 base 2, one int32 per group
