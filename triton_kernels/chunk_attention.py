@@ -373,7 +373,9 @@ def fit_shared_memory(cfg: dict, block_m: int, head_dim: int, elem_bytes: int, l
 
 
 def launch_config(q, Hkv, L, config=None, num_splits=None):
-    """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults)."""
+    """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults).
+    A split count from the table is rescaled to this call's programs (rescale_splits); one given
+    (num_splits, or config's) is used as given, as the tuner and the tests mean it."""
     from pdllm.autotune.configs import get_config, rescale_splits
 
     B, H, Tq, D = q.shape
@@ -384,6 +386,8 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     # The table's config may come from a bucket with fewer rows or a narrower dtype: fit it. An
     # explicit config is taken as given (the tuner must see a misfit fail, not time another one).
     cfg = fit_shared_memory(cfg, block_m, D, q.element_size(), max_shared_memory(q.device))
+    if cfg.get("num_splits") is not None:
+        cfg["num_splits"] = rescale_splits(int(cfg["num_splits"]), cfg.get("base_programs"), base)
     if config:
         cfg.update(config)
     if num_splits is not None:
@@ -391,8 +395,6 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     splits = cfg.get("num_splits")
     if splits is None:
         splits = default_num_splits(base, L, cfg["BLOCK_N"], num_sms(q.device))
-    else:
-        splits = rescale_splits(int(splits), cfg.get("base_programs"), base)
     cfg["num_splits"] = max(1, min(int(splits), cdiv(max(L, 1), cfg["BLOCK_N"])))
     cfg["BLOCK_M"] = block_m
     return cfg
