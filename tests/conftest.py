@@ -41,6 +41,19 @@ def no_user_config(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PDLLM_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "no-user-config"))
 
 
+@pytest.fixture(autouse=True)
+def eager_block_unless_asked(monkeypatch):
+    """On a GPU a model's block_backend "auto" is the compiled block, and every tiny model and dtype
+    of the suite would compile its own (seconds each, cold) for nothing its test checks. Tests run
+    the eager block unless they set "compiled" (test_model's compiled-block tests, test_prefill's
+    GPU path)."""
+    import pdllm.model
+
+    resolve = pdllm.model.block_halves
+    monkeypatch.setattr(pdllm.model, "block_halves",
+                        lambda backend, *args: resolve("eager" if backend == "auto" else backend, *args))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny checkpoints in the real on-disk formats (written once per session)
 # ---------------------------------------------------------------------------------------------
