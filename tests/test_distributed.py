@@ -26,14 +26,18 @@ import distributed_worker as worker  # noqa: E402
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-def torchrun(*jobs, nproc=2, timeout=240):
-    """torchrun jobs (each a list of arguments) on this machine's CPU (gloo), run at the same time
-    (--standalone: each on a free port of its own); returns (returncode, stderr) of each. A job
-    still running after ``timeout`` seconds fails the test."""
+def torchrun(*args, nproc=2):
+    """The command of a torchrun job of ``nproc`` ranks (--standalone: on a free port of its own)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+
+
+def run_at_once(*commands, timeout=240):
+    """Run the commands at the same time with the GPUs hidden (gloo ranks on the CPU, one thread
+    each); returns (returncode, stderr) of each. One still running after ``timeout`` seconds
+    fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    started = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={nproc}", *map(str, args)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env) for args in jobs]
+    started = [subprocess.Popen(list(map(str, c)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env) for c in commands]
     try:
         return [(job.returncode, err) for job in started for _, err in [job.communicate(timeout=timeout)]]
     finally:
@@ -94,7 +98,7 @@ def test_a_record_is_refused_by_another_model_or_gen_length_and_a_foreign_file_b
 
 @pytest.mark.slow  # a real torchrun job of 2 ranks
 def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_record(llada_dir, llada, tmp_path):
-    [(code, stderr)] = torchrun([WORKER, llada_dir, tmp_path, "select"])
+    [(code, stderr)] = run_at_once(torchrun(WORKER, llada_dir, tmp_path, "select"))
     assert code == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     batch, tiny = worker.batches(llada)
@@ -112,11 +116,11 @@ def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_reco
 
 @pytest.mark.slow  # two real torchrun jobs of 2 ranks, at the same time
 def test_a_rank_that_stops_answering_or_fails_ends_the_job_with_a_clear_error(llada_dir, tmp_path):
-    # A hung job fails the test by torchrun()'s timeout: rank 1 of "hang" sleeps an hour, so an end
+    # A hung job fails the test by run_at_once's timeout: rank 1 of "hang" sleeps an hour, so an end
     # within it is rank 0's 5 s timeout, however long the ranks took to start on a loaded machine.
     errors = {"hang": "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2",
               "crash": "rank 1 failed mid-way through scoring"}
-    jobs = torchrun(*([WORKER, llada_dir, tmp_path / scenario, scenario] for scenario in errors))
+    jobs = run_at_once(*(torchrun(WORKER, llada_dir, tmp_path / scenario, scenario) for scenario in errors))
     for (code, stderr), (scenario, error) in zip(jobs, errors.items()):
         assert code != 0 and error in stderr, (scenario, stderr[-3000:])
 
@@ -130,19 +134,17 @@ def without_timings(report):
     return report
 
 
-@pytest.mark.slow  # a real torchrun job of 2 ranks
+@pytest.mark.slow  # a real torchrun job of 2 ranks, and one process beside it
 def test_data_parallel_eval_under_torchrun_writes_the_json_of_one_process(tmp_path):
-    from pdllm.eval.harness import main as eval_main
-
-    # the embedded toy model on kv_lookup at 256 tokens: it answers some and misses some (a mixed JSON)
-    # on the CPU in both: torchrun() hides the GPUs from its gloo ranks
+    # the embedded toy model on kv_lookup at 256 tokens: it answers some and misses some (a mixed JSON).
+    # Both see the same machine (no GPU: the JSON records it), and run at the same time.
     args = ["--lengths", "256", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
-            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "2",
-            "--device", "cpu"]
-    assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
+            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "2"]
     # "--": torchrun's own parser would take --n for an abbreviation of one of its flags
-    [(code, stderr)] = torchrun(["-m", "pdllm.cli", "--", "eval", *args, "--out", tmp_path / "two"])
-    assert code == 0, stderr[-3000:]
+    jobs = run_at_once([sys.executable, "-m", "pdllm.cli", "eval", *args, "--out", tmp_path / "one"],
+                       torchrun("-m", "pdllm.cli", "--", "eval", *args, "--out", tmp_path / "two"))
+    for code, stderr in jobs:
+        assert code == 0, stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     two["command"] = one["command"]  # the same arguments; only the output directory differs
     assert without_timings(two) == without_timings(one)
