@@ -45,8 +45,7 @@ def no_user_config(tmp_path_factory, monkeypatch):
 def eager_block_unless_asked(monkeypatch):
     """On a GPU a model's block_backend "auto" is the compiled block, and every tiny model and dtype
     of the suite would compile its own (seconds each, cold) for nothing its test checks. Tests run
-    the eager block unless they set "compiled" (test_model's compiled-block tests, test_prefill's
-    GPU path)."""
+    the eager block unless they set "compiled" (test_model's compiled-block tests)."""
     import pdllm.model
 
     resolve = pdllm.model.block_halves

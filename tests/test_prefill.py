@@ -264,7 +264,6 @@ def test_prefill_needs_structured_prompts_and_a_context(llada):
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
     model = request.getfixturevalue(model_name).to("cuda")
-    model.block_backend = "compiled"  # the GPU's default, under CUDA graphs too
     try:
         gen = GenerationConfig(gen_length=16, block_length=8, steps=16)  # not `gc`: the module is used below
         for req in (request_of(model, 45, seed=0), request_of(model, 30, seed=1)):
@@ -295,7 +294,6 @@ def test_gpu_kernel_path_equals_dense_dual_cache(model_name, request):
                 gc.enable()
     finally:
         model.to("cpu")
-        model.block_backend = "auto"
 
 
 def test_answer_slots_are_scored_with_the_query(llada):
