@@ -502,7 +502,7 @@ def test_a_process_of_several_models_and_shapes_keeps_the_compiled_block(llada, 
         for model in (llada, dream):
             model.block_backend = "compiled"
             try:
-                for B, T in ((2, 40), (2, 17), (1, 17), (3, 1)):
+                for B, T in ((2, 40), (1, 17), (3, 1)):
                     idx = torch.randint(0, model.cfg.vocab_size, (B, T))
                     pos = torch.arange(T).expand(B, T)
                     model(idx, pos)
