@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from pdllm.testing import HAS_CUDA
+from pdllm.testing import HAS_CUDA, HYPOTHESIS_PROFILE
 
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # `ci`:       interpreter on CPU, small shapes, fp32/fp16, a few minutes in all (the default without CUDA).
 # `gpu`:      native kernels, 10 examples per property, the same ones every run (the default on CUDA).
-#             Its time is Triton compiling a kernel variant for each new shape, not the examples
-#             themselves: derandomized, a second run finds every variant in Triton's cache.
+#             Its time is Triton compiling kernel variants, not the examples themselves: the
+#             kernels' properties draw their variants from one short list they share
+#             (test_chunk_attention.VARIANTS), and a second run finds them in Triton's cache.
 # `thorough`: native kernels, 1000 fresh examples per property: HYPOTHESIS_PROFILE=thorough pytest.
 #             Run it on a new GPU or after a kernel change.
 settings.register_profile(
@@ -29,7 +30,7 @@ settings.register_profile(
 _GPU_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("gpu", max_examples=10, deadline=None, derandomize=True, suppress_health_check=_GPU_HEALTH)
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_GPU_HEALTH)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +39,18 @@ def no_user_config(tmp_path_factory, monkeypatch):
     the shipped tables only, whatever ran on this machine before, and a test that tunes says where
     it writes. The directory does not exist; a test that needs one sets its own."""
     monkeypatch.setenv("PDLLM_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "no-user-config"))
+
+
+@pytest.fixture(autouse=True)
+def eager_block_unless_asked(monkeypatch):
+    """On a GPU a model's block_backend "auto" is the compiled block, and every tiny model and dtype
+    of the suite would compile its own (seconds each, cold) for nothing its test checks. Tests run
+    the eager block unless they set "compiled" (test_model's compiled-block tests)."""
+    import pdllm.model
+
+    resolve = pdllm.model.block_halves
+    monkeypatch.setattr(pdllm.model, "block_halves",
+                        lambda backend, *args: resolve("eager" if backend == "auto" else backend, *args))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 ``select``: chunk-parallel generate for each knob set of CASES (and a batch with fewer chunks than
 ranks), then a prefill record sent from rank 0 and decoded on rank 1; each rank writes what it got
 to OUT/rank<r>.json for the test to compare with one process. ``hang``: rank 1 stops answering
-during scoring; rank 0 must end with a DistributedError after its short timeout. ``crash``: rank 1
+during scoring; rank 0 must end with a DistributedError after its short timeout (2 s). ``crash``: rank 1
 fails during scoring; the job must end with its error.
 """
 
@@ -58,7 +58,7 @@ def main(ckpt, out, scenario):
     batch, tiny = batches(model)
     if scenario in ("hang", "crash"):
         if scenario == "hang":  # then the scoring's collectives get a short timeout
-            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=5))
+            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=2))
         if rank == 1 and scenario == "hang":
             time.sleep(3600)  # a rank that stops answering; rank 0's all-gather must time out, not wait for it
         if rank == 1 and scenario == "crash":

@@ -169,6 +169,20 @@ def test_explicit_config_beats_table():
     assert launch_config(q, 2, 40, num_splits=50)["num_splits"] == 1  # never more splits than tiles
 
 
+def test_only_the_tables_split_count_is_rescaled_to_the_calls_programs(monkeypatch):
+    """A table entry tuned at 32 programs per split, met by a call of 8 (GQA 4: 8 KV heads, one block
+    of 128 query rows): its 4 splits become 16, so the launch keeps its program count. A count the
+    caller gives (the tuner's candidate, a test's) is launched as given."""
+    from pdllm.triton_kernels.chunk_attention import launch_config
+
+    tuned = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_splits": 4, "base_programs": 32}
+    monkeypatch.setattr(configs, "get_config", lambda *args, **kwargs: dict(tuned))
+    q = torch.randn(1, 32, 32, 128)
+    assert launch_config(q, 8, 65536)["num_splits"] == 16
+    assert launch_config(q, 8, 65536, num_splits=2)["num_splits"] == 2
+    assert launch_config(q, 8, 65536, config={"num_splits": 3})["num_splits"] == 3
+
+
 def test_tuner_smoke_run_writes_a_loadable_table(tmp_path, capsys):
     """A tiny sweep in the interpreter (or natively on a GPU): every step of the real one."""
     from pdllm.autotune.tune import main
@@ -217,9 +231,12 @@ def test_a_cpu_smoke_tune_runs_in_its_own_process_and_leaves_this_one_as_it_was(
     from pdllm.autotune import tune
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "key_attention_mass"]) == 0
+    code = tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "key_attention_mass"])
     assert "TRITON_INTERPRET" not in os.environ
-    assert "wrote" in capfd.readouterr().out and len(load_config_file(tmp_path / "cpu.json")["key_attention_mass"]) == 1
+    out = capfd.readouterr().out
+    if code == 1 and "InterpreterError" in out:  # e.g. Triton 3.6's interpreter under NumPy >= 2.4
+        pytest.skip("this Triton's interpreter cannot run the kernels: " + out.split("'why': ")[1][:120])
+    assert code == 0 and "wrote" in out and len(load_config_file(tmp_path / "cpu.json")["key_attention_mass"]) == 1
 
 
 def test_tuner_writes_to_the_user_directory_the_lookup_reads(tmp_path, monkeypatch):

@@ -27,20 +27,29 @@ import distributed_worker as worker  # noqa: E402
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-def torchrun(*jobs, nproc=2, timeout=240):
-    """torchrun jobs (each a list of arguments) on this machine's CPU (gloo), run at the same time
-    (--standalone: each on a free port of its own); returns (returncode, stderr) of each. A job
-    still running after ``timeout`` seconds fails the test."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    started = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={nproc}", *map(str, args)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env) for args in jobs]
-    try:
-        return [(job.returncode, err) for job in started for _, err in [job.communicate(timeout=timeout)]]
-    finally:
-        for job in started:
-            job.kill()
-            job.wait()
+def torchrun(*args, nproc=2):
+    """The command of a torchrun job of ``nproc`` ranks (--standalone: on a free port of its own)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+
+
+class Jobs:
+    """Commands running at the same time with the GPUs hidden (gloo ranks on the CPU, one thread
+    each); ``results()`` waits for them: (returncode, stderr) of each. One still running after
+    ``timeout`` seconds fails the test (a hang must not hang the suite)."""
+
+    def __init__(self, *commands, timeout=240):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        self.timeout = timeout
+        self.started = [subprocess.Popen(list(map(str, c)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True, env=env) for c in commands]
+
+    def results(self) -> list[tuple[int, str]]:
+        try:
+            return [(job.returncode, err) for job in self.started for _, err in [job.communicate(timeout=self.timeout)]]
+        finally:
+            for job in self.started:
+                job.kill()
+                job.wait()
 
 
 def test_shares_are_contiguous_balanced_by_weight_and_may_leave_ranks_idle():
@@ -93,31 +102,13 @@ def test_a_record_is_refused_by_another_model_or_gen_length_and_a_foreign_file_b
         load_record(tmp_path / "junk.safetensors")
 
 
-@pytest.mark.slow  # a real torchrun job of 2 ranks
-def test_two_ranks_select_score_and_decode_as_one_process_and_decode_a_sent_record(llada_dir, llada, tmp_path):
-    [(code, stderr)] = torchrun([WORKER, llada_dir, tmp_path, "select"])
-    assert code == 0, stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    batch, tiny = worker.batches(llada)
-    for name, knobs in [*worker.CASES.items(), ("idle_ranks", dict(top_k=2))]:
-        one = worker.run(llada, tiny if name == "idle_ranks" else batch, **knobs)
-        for got in ranks:  # every rank selected the same chunks and decoded the same answer as one process
-            assert got[name]["tokens"] == one["tokens"], name
-            assert got[name]["selected"] == one["selected"], name
-            for a, b in zip(got[name]["scores"], one["scores"]):
-                assert_close(torch.tensor(a), torch.tensor(b), torch.float32)
-        assert ranks[0][name]["scores"] == ranks[1][name]["scores"]  # gathered copies: bitwise the same
-    sent = worker.run(llada, batch, top_k=3, cache_mode="chunk_query")
-    assert ranks[1]["decoded_from_record"] == sent["tokens"]
-
-
 @pytest.mark.slow  # two real torchrun jobs of 2 ranks, at the same time
 def test_a_rank_that_stops_answering_or_fails_ends_the_job_with_a_clear_error(llada_dir, tmp_path):
-    # A hung job fails the test by torchrun()'s timeout: rank 1 of "hang" sleeps an hour, so an end
-    # within it is rank 0's 5 s timeout, however long the ranks took to start on a loaded machine.
+    # A hung job fails the test by Jobs' timeout: rank 1 of "hang" sleeps an hour, so an end
+    # within it is rank 0's 2 s timeout, however long the ranks took to start on a loaded machine.
     errors = {"hang": "DistributedError: chunk-parallel scoring (all-gather of the chunk scores) failed on rank 0 of 2",
               "crash": "rank 1 failed mid-way through scoring"}
-    jobs = torchrun(*([WORKER, llada_dir, tmp_path / scenario, scenario] for scenario in errors))
+    jobs = Jobs(*(torchrun(WORKER, llada_dir, tmp_path / scenario, scenario) for scenario in errors)).results()
     for (code, stderr), (scenario, error) in zip(jobs, errors.items()):
         assert code != 0 and error in stderr, (scenario, stderr[-3000:])
 
@@ -131,21 +122,43 @@ def without_timings(report):
     return report
 
 
-@pytest.mark.slow  # a real torchrun job of 2 ranks
-def test_data_parallel_eval_under_torchrun_writes_the_json_of_one_process(tmp_path):
+# the embedded toy model on kv_lookup at 512 tokens, one chunk kept: it answers some and misses some
+EVAL = ["--lengths", "512", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
+        "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "1"]
+
+
+@pytest.mark.slow  # two real torchrun jobs of 2 ranks, at the same time
+def test_torchrun_ranks_write_what_one_process_computes(llada_dir, llada, tmp_path):
+    """Chunk-parallel generate (every case of worker.CASES, a world larger than the chunks, a prefill
+    record sent from rank 0 and decoded on rank 1) and the data-parallel eval (the JSON of one
+    process). Both jobs run at once, while this process computes the same."""
     from pdllm.eval.harness import main as eval_main
 
-    # the embedded toy model on kv_lookup at 512 tokens, one chunk kept: it answers some and misses some;
-    # on the CPU in both: torchrun() hides the GPUs from its gloo ranks
-    args = ["--lengths", "512", "--depths", "0,1", "--n", "2", "--methods", "vanilla,prefill", "--ablations", "none",
-            "--tasks", "kv_lookup", "--gen-length", "8", "--batch-size", "1", "--chunk-size", "64", "--top-k", "1",
-            "--device", "cpu"]
-    assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
     # "--": torchrun's own parser would take --n for an abbreviation of one of its flags
-    [(code, stderr)] = torchrun(["-m", "pdllm.cli", "--", "eval", *args, "--out", tmp_path / "two"])
-    assert code == 0, stderr[-3000:]
+    jobs = Jobs(torchrun(WORKER, llada_dir, tmp_path, "select"),
+                torchrun("-m", "pdllm.cli", "--", "eval", *EVAL, "--out", tmp_path / "two"))
+    batch, tiny = worker.batches(llada)
+    cases = [*worker.CASES.items(), ("idle_ranks", dict(top_k=2))]
+    alone = {name: worker.run(llada, tiny if name == "idle_ranks" else batch, **knobs) for name, knobs in cases}
+    sent = worker.run(llada, batch, top_k=3, cache_mode="chunk_query")
+    assert eval_main([*EVAL, "--device", "cpu", "--out", str(tmp_path / "one")]) == 0
+    for code, stderr in jobs.results():
+        assert code == 0, stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name, one in alone.items():
+        for got in ranks:  # every rank selected the same chunks and decoded the same answer as one process
+            assert got[name]["tokens"] == one["tokens"], name
+            assert got[name]["selected"] == one["selected"], name
+            for a, b in zip(got[name]["scores"], one["scores"]):
+                assert_close(torch.tensor(a), torch.tensor(b), torch.float32)
+        assert ranks[0][name]["scores"] == ranks[1][name]["scores"]  # gathered copies: bitwise the same
+    assert ranks[1]["decoded_from_record"] == sent["tokens"]
+
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
-    two["command"] = one["command"]  # the same arguments; only the output directory differs
+    for report in (one, two):  # the machine each saw: the ranks' GPUs are hidden, this process's not
+        del report["environment"]
+    two["command"] = one["command"]  # the same arguments but --device cpu (the ranks' default) and --out
     assert without_timings(two) == without_timings(one)
     cells = [c for m in one["grid"].values() for L in m["kv_lookup"].values() for c in L.values()]
     assert len({c["correct"] for c in cells}) > 1  # not all right nor all wrong: the comparison says something

@@ -427,28 +427,28 @@ def _relative_error(out, ref):
 def test_compiled_and_eager_blocks_are_as_close_to_fp32(fixture, request):
     """The arbiter of the compiled block is fp32, not the eager block: two bf16 results differ by
     their roundings (with these weights, 10-20% of the logits beyond bf16's tolerance of each
-    other), while each is as close to fp32 as the other. Plain forward and a block against a
-    DenseKVCache (Fast-dLLM's dual cache), with the same bf16 weights upcast for the reference."""
+    other), while each is as close to fp32 as the other. A block of tokens alone and against a
+    DenseKVCache of the whole sequence (Fast-dLLM's dual cache); the reference has the same bf16
+    weights upcast. The cache is filled by the eager block in each dtype, so the compiled block
+    sees one shape (one graph per half)."""
     model = from_pretrained(request.getfixturevalue(fixture), torch.bfloat16, device="cuda")
     reference = copy.deepcopy(model).float()
-    reference.block_backend = "eager"
     T, s, e = 40, 16, 24
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g).cuda()
     pos = torch.arange(T, device="cuda").expand(2, T) + 3
 
-    def forwards(m):
+    def forwards(m, backend):
         cache = DenseKVCache.for_model(m, 2, T)
+        m.block_backend = "eager"
         m(idx, pos, cache=cache.window(0))
-        return {"plain": m(idx, pos), "cached": m(idx[:, s:e], pos[:, s:e], cache=cache.window(s))}
+        m.block_backend = backend
+        return {"plain": m(idx[:, s:e], pos[:, s:e]), "cached": m(idx[:, s:e], pos[:, s:e], cache=cache.window(s))}
 
-    ref = forwards(reference)
+    ref = forwards(reference, "eager")
     compiled.cache_clear()  # compiled afresh here, so the counters below see this test's graphs
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    errors = {}
-    for backend in ("eager", "compiled"):
-        model.block_backend = backend
-        errors[backend] = {k: _relative_error(out, ref[k]) for k, out in forwards(model).items()}
+    errors = {b: {k: _relative_error(out, ref[k]) for k, out in forwards(model, b).items()} for b in ("eager", "compiled")}
     halves = block_halves("compiled", model.device, model.dtype, model.cfg)
     assert [h.error for h in halves] == [None, None], "the compiled block fell back to eager"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2, "nothing was compiled"
@@ -502,7 +502,7 @@ def test_a_process_of_several_models_and_shapes_keeps_the_compiled_block(llada, 
         for model in (llada, dream):
             model.block_backend = "compiled"
             try:
-                for B, T in ((2, 40), (2, 17), (1, 17), (3, 1)):
+                for B, T in ((2, 40), (1, 17), (3, 1)):
                     idx = torch.randint(0, model.cfg.vocab_size, (B, T))
                     pos = torch.arange(T).expand(B, T)
                     model(idx, pos)

@@ -128,7 +128,11 @@ def _combine_splits(OUT, LSE, O_PART, LSE_PART, row_off, lse_off, part_off, lse_
     tl.store(LSE + lse_off, tl.where(has_any, (m_safe + tl.log2(l_c_safe)) * LN2, float("-inf")), mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh"])
+# Not specialised: the sizes and the strides that follow them (the index's, the LSEs' and their
+# partials'), so that a new length or head count reuses the compiled kernel instead of compiling
+# another for its divisibility by 16.
+@triton.jit(do_not_specialize=["Hkv", "group", "Tq", "L", "num_splits", "stride_ib", "stride_lb", "stride_lh",
+                               "stride_qs", "stride_qlb", "stride_qlh"])
 def _chunk_attention_fwd(
     Q, K, V, KV_INDEX, KV_LEN, OUT, LSE,  # OUT (B, H, Tq, D), LSE (B, H, Tq): the results
     O_PART, LSE_PART, COUNTERS,  # with splits: (S, B, H, Tq, D) out's dtype, (S, B, H, Tq) fp32 base 2, one int32 per group
@@ -371,7 +375,9 @@ def fit_shared_memory(cfg: dict, block_m: int, head_dim: int, elem_bytes: int, l
 
 
 def launch_config(q, Hkv, L, config=None, num_splits=None):
-    """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults)."""
+    """Resolve BLOCK_N, num_warps, num_stages, num_splits (explicit > tuned table > defaults).
+    A split count from the table is rescaled to this call's programs (rescale_splits); one given
+    (num_splits, or config's) is used as given, as the tuner and the tests mean it."""
     B, H, Tq, D = q.shape
     group = H // Hkv
     block_m = block_m_for(group * Tq)
@@ -380,6 +386,8 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     # The table's config may come from a bucket with fewer rows or a narrower dtype: fit it. An
     # explicit config is taken as given (the tuner must see a misfit fail, not time another one).
     cfg = fit_shared_memory(cfg, block_m, D, q.element_size(), max_shared_memory(q.device))
+    if cfg.get("num_splits") is not None:
+        cfg["num_splits"] = rescale_splits(int(cfg["num_splits"]), cfg.get("base_programs"), base)
     if config:
         cfg.update(config)
     if num_splits is not None:
@@ -387,8 +395,6 @@ def launch_config(q, Hkv, L, config=None, num_splits=None):
     splits = cfg.get("num_splits")
     if splits is None:
         splits = default_num_splits(base, L, cfg["BLOCK_N"], num_sms(q.device))
-    else:
-        splits = rescale_splits(int(splits), cfg.get("base_programs"), base)
     cfg["num_splits"] = max(1, min(int(splits), cdiv(max(L, 1), cfg["BLOCK_N"])))
     cfg["BLOCK_M"] = block_m
     return cfg

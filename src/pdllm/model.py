@@ -230,12 +230,6 @@ def mlp(x, w_gate_up, w_down):
     return F.linear(F.silu(gate) * up, w_down)
 
 
-def merge_heads(y):
-    """Attention's output (B, H, T, D) -> (B, T, H * D), the o-projection's input."""
-    B, H, T, D = y.shape
-    return y.transpose(1, 2).reshape(B, T, H * D)
-
-
 def block_output(x, attn_out, norm_weight, eps: float, w_gate_up, w_down):
     """A block's second half from its attention's o-projection: residual, pre-norm MLP, residual."""
     x = x + attn_out
@@ -284,7 +278,8 @@ class Attention(nn.Module):
 
     def out(self, y):
         """(B, H, T, D) -> (B, T, C) through the output projection."""
-        return self.o(merge_heads(y))
+        B, _, T, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def attend(q, k, v, mask, cache, layer: int, backend: str):
@@ -447,4 +442,4 @@ def build_random(cfg: ModelConfig, dtype=torch.bfloat16, device="cuda", seed: in
 
 
 __all__ = ["ModelConfig", "Transformer", "Block", "RMSNorm", "rope_cos_sin", "apply_rope", "build_random",
-           "rms_norm", "attention_inputs", "merge_heads", "block_output", "block_halves", "BLOCK_BACKENDS"]
+           "rms_norm", "attention_inputs", "block_output", "block_halves", "BLOCK_BACKENDS"]

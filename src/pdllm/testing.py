@@ -1,6 +1,7 @@
 """One tolerance table and one ``assert_close`` for every numerical test in pdllm, HAS_CUDA
-(whether this machine runs the GPU-only tests and benchmarks, ``@pytest.mark.gpu``), and
-StepRecorder, a sampler method that records what another one computes.
+(whether this machine runs the GPU-only tests and benchmarks, ``@pytest.mark.gpu``), the
+Hypothesis profile the tests run with, and StepRecorder, a sampler method that records what
+another one computes.
 
 Tolerances are per dtype of the tensors being compared: fp32 paths accumulate in fp32 and agree
 to rounding; fp16/bf16 paths differ from the fp32 reference by their storage precision.
@@ -8,9 +9,13 @@ to rounding; fp16/bf16 paths differ from the fp32 reference by their storage pre
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# tests/conftest.py registers the profiles: `ci` (interpreter), `gpu` (native, few examples), `thorough`.
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci")
 
 TOLERANCES = {  # dtype: (atol, rtol)
     torch.float64: (1e-10, 1e-8),
