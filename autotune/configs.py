@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 KERNELS = ("chunk_attention", "key_attention_mass")

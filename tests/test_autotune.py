@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdllm.autotune import configs
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 from pdllm.autotune.configs import ConfigError, bucket_distance, device_key, load_config_file, lookup, rescale_splits
 from pdllm.testing import HAS_CUDA
 
@@ -173,10 +173,11 @@ def test_only_the_tables_split_count_is_rescaled_to_the_calls_programs(monkeypat
     """A table entry tuned at 32 programs per split, met by a call of 8 (GQA 4: 8 KV heads, one block
     of 128 query rows): its 4 splits become 16, so the launch keeps its program count. A count the
     caller gives (the tuner's candidate, a test's) is launched as given."""
+    from pdllm.triton_kernels import chunk_attention
     from pdllm.triton_kernels.chunk_attention import launch_config
 
     tuned = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_splits": 4, "base_programs": 32}
-    monkeypatch.setattr(configs, "get_config", lambda *args, **kwargs: dict(tuned))
+    monkeypatch.setattr(chunk_attention, "get_config", lambda *args, **kwargs: dict(tuned))  # where it is looked up
     q = torch.randn(1, 32, 32, 128)
     assert launch_config(q, 8, 65536)["num_splits"] == 16
     assert launch_config(q, 8, 65536, num_splits=2)["num_splits"] == 2

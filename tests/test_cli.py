@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from pdllm import PdllmWarning, sampler
+from pdllm import sampler
+from pdllm.notices import PdllmWarning
 from pdllm.cli import main
 from pdllm.testing import HAS_CUDA
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 from pdllm.cache import ChunkKVCache, DenseKVCache
 from pdllm.checkpoint import (CheckpointError, checkpoint_shapes, from_pretrained, fuse_state, hf_to_ours, load_config,
                               ours_to_hf, save_pretrained, unfuse_state)

@@ -4,12 +4,7 @@ The decoding methods register themselves by name where they are defined (pdllm.m
 importing the package imports the built-in ones, so ``generate(..., method="prefill")`` finds them.
 """
 
-
-class PdllmWarning(UserWarning):
-    """Every warning pdllm itself gives (the CLI shows these as one ``pdllm: warning:`` line; others
-    as Python shows them)."""
-
-
-from pdllm import sampler  # noqa: E402, F401  vanilla, prefix, dual
-from pdllm import prefill  # noqa: E402, F401  prefill
-from pdllm.baselines import dllm_cache, dyllm  # noqa: E402, F401
+from pdllm import sampler  # noqa: F401  vanilla, prefix, dual
+from pdllm import prefill  # noqa: F401  prefill
+from pdllm.baselines import dllm_cache, dyllm  # noqa: F401
+from pdllm.notices import PdllmWarning  # noqa: F401  (pdllm.PdllmWarning, to filter or catch pdllm's warnings)

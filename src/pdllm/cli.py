@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 from pdllm.knobs import ArgumentError, ArgumentParser, UsageError, add_knob, all_method_knobs, config_knobs, given_knobs
 from pdllm.loading import EMBEDDED_MODEL, check_device, check_dtype, default_device, load_model
 from pdllm.methods import METHODS

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 
 
 class CompiledOrEager:

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 
 
 def capture(fn, idx: torch.Tensor, key):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pdllm import PdllmWarning
+from pdllm.notices import PdllmWarning
 from pdllm.cache import DenseKVCache
 from pdllm.graphs import capture, graphs_available
 from pdllm.methods import METHODS, make_method
