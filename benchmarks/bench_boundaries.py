@@ -54,6 +54,48 @@ def example_sets(tok, task: str, length: int, n: int, seed: int) -> dict:
             "random_depths": make_examples(task, n, length, seed=f"{seed}.random", tokenizer=tok.tk)}
 
 
+def plot(report: dict, path: Path):
+    """Per length and task: each method's exact match over all needles and over the cut ones (95%
+    intervals), both depth sets pooled, dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pdllm.eval.metrics import wilson_interval
+
+    cells = [(L, t, sets) for L, tasks in report["cells"].items() for t, sets in tasks.items()]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 3.6), squeeze=False)
+    for ax, (L, task, sets) in zip(axes[0], cells):
+        methods = [m for m in next(iter(sets.values())) if m != "dense"]
+        for k, (part, colour) in enumerate((("all", "C0"), ("cut", "C3"))):
+            values, errors = [], [[], []]
+            for m in methods:
+                hits = n = 0
+                for cell in sets.values():
+                    c = cell[m] if part == "all" else cell[m]["cut"]
+                    hits, n = hits + round(c["accuracy"] * c["n"]), n + c["n"]
+                lo, hi = wilson_interval(hits, n) if n else (0.0, 0.0)  # no needle cut: no bar
+                acc = hits / max(1, n)
+                values.append(acc)
+                errors[0].append(max(0.0, acc - lo))
+                errors[1].append(max(0.0, hi - acc))
+            xs = [i + (k - 0.5) * 0.38 for i in range(len(methods))]
+            ax.bar(xs, values, 0.38, yerr=errors, color=colour, label=f"{part} needles" if part == "all" else
+                   "needles its chunking cut")
+        dense = [cell["dense"] for cell in sets.values() if "dense" in cell]
+        if dense:
+            ax.axhline(sum(d["accuracy"] * d["n"] for d in dense) / sum(d["n"] for d in dense), color="k",
+                       linestyle="--", label="dense")
+        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task}, {L} tokens", fontsize=9)
+    axes[0][0].set_ylabel("exact match")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -66,7 +108,11 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--smoke", action="store_true", help="2 examples, 1 task, 512 tokens: check the script runs")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="plot a report JSON (no run) to a PNG beside it")
     args = p.parse_args(argv)
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return None
     if args.smoke:
         args.lengths, args.tasks, args.n = [512], args.tasks[:1], 2
     model, tok = load_model(EMBEDDED_MODEL, args.device)

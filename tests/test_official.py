@@ -245,7 +245,7 @@ def test_official_preset_is_the_readme_best_run_and_pdllm_defaults_stay():
     assert PrefillConfig.official("dream", draft_rounds=None).draft_rounds is None  # any knob can be taken back
     mine = PrefillConfig()
     assert (mine.chunking, mine.score, mine.draft_decoder, mine.draft_scored, mine.position_grid) == (
-        "snapped", "attention", "sampler", "all", "lengths")
+        "overlap", "attention", "sampler", "all", "lengths")
     with pytest.raises(ValueError, match="arch"):
         PrefillConfig.official("gpt2")
 

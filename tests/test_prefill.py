@@ -55,7 +55,8 @@ def request_of(model, context_len=45, seed=0):
 
 # ---- the proof: sparse with everything selected == dense --------------------------------------
 
-DENSE_EQUIVALENT = dict(chunk_size=8, top_k=100, chunk_bos=False, positions="absolute", cache_mode="full_prompt_mask")
+DENSE_EQUIVALENT = dict(chunk_size=8, top_k=100, chunk_bos=False, positions="absolute", cache_mode="full_prompt_mask",
+                        chunking="bos_added")  # contiguous chunks that do not overlap
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
@@ -91,7 +92,7 @@ def test_the_trained_length_warning_counts_the_positions_a_method_runs_at(llada,
 
     monkeypatch.setattr(llada.cfg, "max_positions", 64)
     req, gc = request_of(llada, context_len=180), GenerationConfig(gen_length=8, block_length=8, steps=8)
-    for method, knobs, warns in (("prefill", dict(chunk_size=8, top_k=2), False), ("dual", {}, True)):
+    for method, knobs, warns in (("prefill", dict(chunk_size=8, top_k=2, chunking="bos_added"), False), ("dual", {}, True)):
         monkeypatch.setattr(sampler, "_warned", set())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -161,8 +162,8 @@ def test_keep_margin_widens_the_selected_chunks_and_merges_those_that_meet(llada
     gc = GenerationConfig(gen_length=4, block_length=4, steps=4)
     req = request_of(llada, 45)
     for cache_mode in ("full_prompt_mask", "chunk_query"):
-        plain = Prefill(chunk_size=8, top_k=2, cache_mode=cache_mode)
-        wide = Prefill(chunk_size=8, top_k=2, keep_margin=3, cache_mode=cache_mode)
+        plain = Prefill(chunk_size=8, top_k=2, cache_mode=cache_mode, chunking="bos_added")
+        wide = Prefill(chunk_size=8, top_k=2, keep_margin=3, cache_mode=cache_mode, chunking="bos_added")
         generate(llada, [req], gc, method=plain)
         out = generate(llada, [req], gc, method=wide)
         assert wide.selected == plain.selected and (out.tokens != llada.cfg.mask_id).all()
@@ -291,9 +292,10 @@ def test_bos_survives_token_sparsity_and_order_is_kept():
 def test_token_capacity_end_to_end(llada):
     gc = GenerationConfig(gen_length=8, block_length=8, steps=8)
     req = request_of(llada, 45)
-    big = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3)
-    same = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3, token_capacity=9)
-    small = generate(llada, [req], gc, method="prefill", chunk_size=8, top_k=3, token_capacity=4)
+    fixed = dict(chunk_size=8, top_k=3, chunking="bos_added")  # chunks of 9 rows
+    big = generate(llada, [req], gc, method="prefill", **fixed)
+    same = generate(llada, [req], gc, method="prefill", **fixed, token_capacity=9)
+    small = generate(llada, [req], gc, method="prefill", **fixed, token_capacity=4)
     assert torch.equal(big.tokens, same.tokens)  # capacity >= chunk length changes nothing
     assert big.stats["kv_rows"][0] - small.stats["kv_rows"][0] == 3 * (9 - 4)
 
@@ -537,7 +539,7 @@ def test_encode_once_reads_the_scoring_kv_and_decodes_as_a_second_encode_would(l
         monkeypatch.setattr(TopK, "held", lambda self, n: held)
     gc = GenerationConfig(gen_length=8, block_length=4, steps=8)
     batch = [request_of(llada, 45, seed=0), request_of(llada, 33, seed=2)]
-    knobs = dict(chunk_size=8, top_k=3, cache_mode="chunk_query", positions=positions)
+    knobs = dict(chunk_size=8, top_k=3, cache_mode="chunk_query", positions=positions, chunking="bos_added")
     once = StepRecorder(Prefill(**knobs))
     out = generate(llada, batch, gc, method=once)
     m = once.method

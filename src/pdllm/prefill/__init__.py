@@ -6,8 +6,10 @@ registry entry a fork can add to (stages.py says how):
 
 1. **Chunking with BOS anchors** (chunkers.py, ``chunking``). The context is cut into spans of
    ``chunk_size`` tokens and a BOS token is put in front of every chunk, so each chunk carries its
-   own attention sink wherever it is placed later (``bos_added``; the official code's
-   ``bos_in_chunk`` lets the BOS take one of the chunk_size rows).
+   own attention sink wherever it is placed later. Where the cuts fall decides whether a fact is
+   cut in two: pdllm's default chunks overlap their neighbours by a sentence's length
+   (``overlap``); ``snapped`` moves each cut to a sentence or line end; ``bos_added`` cuts at the
+   fixed offsets; the official code's ``bos_in_chunk`` lets the BOS take one of the rows.
 2. **Scoring**, once, streamed chunk by chunk (memory O(chunk x score_batch) whatever the context
    length), the chunks of every request of a batch sharing forwards (``score``): ``attention``
    (scorers.py) reads the attention the query and the masked answer slots give each chunk in the

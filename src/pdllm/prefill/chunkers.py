@@ -80,7 +80,7 @@ class OverlappingChunks(Stage):
 
     name = "overlap"
     chunk_size: int = 1024
-    chunk_overlap: int = 0  # tokens each chunk reaches into each neighbour
+    chunk_overlap: int = 16  # tokens each chunk reaches into each neighbour (a sentence-long fact)
 
     def problems(self):
         out = at_least(self, 1, "chunk_size")

@@ -24,7 +24,7 @@ class PipelineKnobs(Stage):
     """The knobs of the pipeline itself."""
 
     name = "pipeline"
-    chunking: str = "snapped"  # the chunker (stages.CHUNKERS): snapped | bos_added | overlap | bos_in_chunk (official)
+    chunking: str = "overlap"  # the chunker (stages.CHUNKERS): overlap | snapped | bos_added | bos_in_chunk (official)
     score: str = "attention"  # the scorer (stages.SCORERS): attention | draft | ...
     selection: str = "top_k"  # the selector (stages.SELECTORS)
     cache_mode: str = "full_prompt_mask"  # the cache builder (stages.CACHE_BUILDERS): full_prompt_mask | chunk_query
