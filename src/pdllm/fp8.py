@@ -26,13 +26,12 @@ Design, and why:
   bf16 attention with fp32 accumulation exactly as before.
 * **Quantization fused into its producer.** Quantizing an activation (row amax, scale, cast) is a
   reduction over each row plus a pass over the tensor; as separate eager ops it reads and writes the
-  activation several times and costs more than FP8 saves (benchmarks/bench_fp8.py, one LLaDA-8B
-  block on an H200: 0.64-0.67x the compiled bf16 block). Written as plain tensor functions below,
+  activation several times and costs more than FP8 saves (benchmarks/bench_fp8.py times that
+  variant beside the others). Written as plain tensor functions below,
   torch.compile puts the row amax, the scale and the cast in the kernel that produces the
   activation (the RMSNorm before wqkv and gate_up, SiLU x up before down, the attention output's
   transpose before wo): one kernel per activation, which writes it in one byte per value instead
-  of two, and an extern ``_scaled_mm`` call per GEMM (1.51-1.57x the bf16 block in the same run).
-  ``fp8_block_halves`` gives the compiled halves.
+  of two, and an extern ``_scaled_mm`` call per GEMM. ``fp8_block_halves`` gives the compiled halves.
 
 Shapes: ``torch._scaled_mm`` wants its first operand row-major (M, K) and its second column-major
 (K, N), i.e. the (N, K) row-major weight transposed (``Fp8Weight.data.t()``), K and N multiples of
@@ -57,9 +56,8 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448.0
 # e4m3's subnormals or at zero, an absolute error below 1e-12 / 448 per value.
 MIN_AMAX = 1e-12
 # torch._scaled_mm's use_fast_accum: on Hopper, accumulating in the tensor cores' reduced-precision
-# accumulator without promotions to fp32 registers. On one LLaDA-8B block (H200) it made the FP8
-# halves ~8% faster and q's error 0.043 instead of 0.031 (the block's update: 0.070 either way);
-# off until a measurement of selection agreement says otherwise (benchmarks/bench_fp8.py records both).
+# accumulator without promotions to fp32 registers: faster, and a larger error on q. Off until a
+# measurement of selection agreement says otherwise (benchmarks/bench_fp8.py records both).
 FAST_ACCUM = False
 
 
