@@ -4,8 +4,10 @@ LLaDA-8B-shaped model with random bf16 weights (built on the meta device, filled
 download), one request = prefix + context (8K..128K tokens) + question (~64 tokens), answer of 32
 tokens in one block of 32 with 32 fixed steps (threshold off, so every method does the same
 number of denoising steps). Methods: vanilla (whole sequence every step), dual (Fast-dLLM dual
-cache), prefill-attention and prefill-draft (Prefilling-dLLM, top-4 of 1024-token chunks),
-dllm_cache and dyllm (their recomputed fraction is reported: their cost follows it).
+cache), Prefilling-dLLM (top-4 of 1024-token chunks) with fixed chunks (prefill-attention),
+snapped chunks, FP8 scoring and cascaded FP8 scoring (their ``topk_agreement`` with full-depth
+selection, measured on the toy model, is in each record), prefill-draft, dllm_cache and dyllm
+(their recomputed fraction is reported: their cost follows it).
 
 Reported per (context, method): end-to-end latency and its split (scoring, cache build, decode
 steps), the decode loop's steps split too (CUDA events, no host sync: step 0 = the refresh that
