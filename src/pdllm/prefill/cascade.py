@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdllm.prefill.scorers import AttentionProbe, AttentionScorer, ScoringJob, batches
+from pdllm.prefill.scorers import AttentionProbe, AttentionScorer, batches
 from pdllm.prefill.selectors import score_order
 from pdllm.prefill.stages import SCORERS, Chunked, scored
 
@@ -87,11 +87,7 @@ class CascadeScorer(AttentionScorer):
         L, window = model.cfg.n_layers, self.score_layers
         exits = [layer for layer, _ in schedule] + [L]
         read = {layer for e in exits for layer in range(max(0, e - window), e)}  # layers whose attention is read
-        rows_after = [model.cfg.mask_id] * self.slots(block_length)
-        jobs, owner = [], []
-        for b, r in enumerate(requests):
-            jobs += [ScoringJob(r.prompt.prefix, c, r.prompt.query + rows_after) for c in r.chunks]
-            owner += [(b, i) for i in range(len(r.chunks))]
+        jobs, owner = self.jobs(model, requests, block_length)
         hidden: dict[int, torch.Tensor] = {}  # job -> its residual stream at the last exit, (T, C)
         token_scores: dict[int, dict[int, torch.Tensor]] = {j: {} for j in range(len(jobs))}  # job -> layer -> (L_chunk,)
         alive = list(range(len(jobs)))
@@ -131,10 +127,9 @@ class CascadeScorer(AttentionScorer):
             else:
                 x = torch.stack([hidden[j] for j in group])
             pos = torch.arange(x.shape[1], device=dev).expand(x.shape[0], -1)
-            probe = AttentionProbe(read & set(range(start, stop)), slice(P + C, P + C + Q), slice(P, P + C),
-                                   self.pool_kernel)
-            x = model.run_layers(x, pos, start, stop, cache=probe, linears=linears)
             layers = sorted(read & set(range(start, stop)))
+            probe = AttentionProbe(layers, slice(P + C, P + C + Q), slice(P, P + C), self.pool_kernel)
+            x = model.run_layers(x, pos, start, stop, cache=probe, linears=linears)
             if start == 0:  # progress counts each chunk once, at its first stage
                 scored(len(group), len(jobs))
             for row, j in enumerate(group):

@@ -132,10 +132,14 @@ class Prefill:
         self.kept_spans = [[r.spans[i] for i in s] for r, s in zip(sel.kept_requests, sel.kept_selected)]
         self.selected, self.scores = sel.selected, sel.scores
         self.chunk_lengths = [[len(c) for c in r.chunks] for r in sel.requests]
-        self.positions_used = max(max(lay.positions) + 1 for lay in layouts)  # the sampler's trained-length check
         self.stats = {"score_s": t1 - t0, "build_s": time.perf_counter() - t1, "reencode_s": 0.0,
                       "encode_once": sel.sink is not None, "chunks": [len(c) for c in self.chunk_lengths],
                       "selected": self.selected, "kv_rows": [len(lay.tokens) for lay in layouts]}
+
+    @property
+    def positions_used(self) -> int:
+        """The positions the decode places tokens at (the sampler's trained-length check)."""
+        return max(max(lay.positions) + 1 for lay in self.pool.layouts)
 
     # ---- prefill-decode disaggregation: the state ``begin`` leaves is one record ---------------
 
@@ -169,7 +173,6 @@ class Prefill:
         self.builder = self.cfg.stage("cache_mode")
         self.pool = Pool(cache, rec.layouts, [r.to(model.device) for r in rec.rows])
         self.gen_length = rec.gen_length
-        self.positions_used = max(max(lay.positions) + 1 for lay in rec.layouts)
         self.selected, self.scores, self.chunk_lengths = rec.selected, rec.scores, rec.chunk_lengths
         self.stats = {**rec.stats, "reencode_s": 0.0, "from_record": True}
 

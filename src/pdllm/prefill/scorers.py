@@ -181,14 +181,19 @@ class AttentionScorer(Stage):
         linears = self.linears(model)
         return self.score(model, requests, block_length, None if linears is not None else sink, linears)
 
-    def score(self, model, requests: list[Chunked], block_length: int, sink, linears) -> list[torch.Tensor]:
-        depth = self.depth(model)
-        layers = range(max(0, depth - self.score_layers), depth)
+    def jobs(self, model, requests: list[Chunked], block_length: int) -> tuple[list[ScoringJob], list[tuple]]:
+        """Every chunk's scoring forward (prefix + chunk + query + answer slots) and its (request, chunk)."""
         rows_after = [model.cfg.mask_id] * self.slots(block_length)
         jobs, owner = [], []
         for b, r in enumerate(requests):
             jobs += [ScoringJob(r.prompt.prefix, c, r.prompt.query + rows_after) for c in r.chunks]
             owner += [(b, i) for i in range(len(r.chunks))]
+        return jobs, owner
+
+    def score(self, model, requests: list[Chunked], block_length: int, sink, linears) -> list[torch.Tensor]:
+        depth = self.depth(model)
+        layers = range(max(0, depth - self.score_layers), depth)
+        jobs, owner = self.jobs(model, requests, block_length)
         scores = [torch.empty(len(r.chunks)) for r in requests]
         for ids, per_token, probe in scored_batches(model, jobs, layers, self.pool_kernel, self.score_batch,
                                                     sink is not None, linears):

@@ -17,15 +17,16 @@ from pdllm.prefill.scorers import ScoringJob, attention_token_scores
 from pdllm.prefill.stages import SELECTORS, Chunked, Span, Stage
 
 
-def score_order(scores: torch.Tensor) -> list[int]:
-    """Chunk indices best first: higher score, then the earlier chunk; NaN scores last."""
-    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    return sorted(range(len(scores)), key=lambda i: (-scores[i].item(), i))
-
-
 def rank_key(score: float, i: int) -> tuple:
-    """score_order's sort key of one chunk (for orders built as scores arrive)."""
+    """The sort key of chunk i: higher score first, then the earlier chunk; NaN (and -inf) last. One
+    rule for a whole tensor of scores (score_order) and for orders built as scores arrive (KeptKV)."""
     return (float("inf") if score != score else -score, i)
+
+
+def score_order(scores: torch.Tensor) -> list[int]:
+    """Chunk indices best first, by rank_key."""
+    values = scores.float().tolist()
+    return sorted(range(len(values)), key=lambda i: rank_key(values[i], i))
 
 
 def select_chunks(scores: torch.Tensor, k: int) -> list[int]:
